@@ -1,0 +1,35 @@
+"""One comparison helper for every parity test."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.tolerances import TOLERANCES
+
+
+def to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def relative_error(ref, out) -> float:
+    """max|out - ref| / max|ref| (the DESIGN.md parity measure); inf on NaN/Inf or shape mismatch."""
+    ref, out = to_numpy(ref), to_numpy(out)
+    if ref.shape != out.shape:
+        raise AssertionError(f"shape mismatch: ref {ref.shape} vs out {out.shape}")
+    if not (np.isfinite(ref).all() and np.isfinite(out).all()):
+        return float("inf")
+    scale = np.abs(ref).max()
+    diff = np.abs(out - ref).max()
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def assert_close(name: str, ref, out, link: str) -> float:
+    """Assert relative_error(ref, out) <= TOLERANCES[link]; prints one line per tensor for the log."""
+    tol = TOLERANCES[link]
+    err = relative_error(ref, out)
+    print(f"{name:<60} rel {err:.3e}  (tol {tol:.0e}, {link})")
+    if not err <= tol:
+        raise AssertionError(f"{name}: max|diff|/max|ref| = {err:.3e} > {tol:.0e} ({link})")
+    return err
