@@ -10,10 +10,10 @@ import dataclasses
 from typing import Literal
 
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
-RematPolicy = Literal["none", "full", "dots_saveable", "nothing_saveable"]
+RematPolicy = Literal["none", "full", "dots_saveable"]
 
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-_REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+_REMAT_POLICIES = ("none", "full", "dots_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class SanaConfig:
     timestep_scale: float = 1.0  # diffusers pipeline multiplies t by this before the model (Sprint teacher)
     flow_shift: float = 3.0  # sampling/training flow shift of the released recipe
     compute_dtype: ComputeDtype = "float32"  # activations and matmul inputs; params stay fp32
-    remat_policy: RematPolicy = "none"  # jax.checkpoint policy around each scanned block
+    remat_policy: RematPolicy = "none"  # per scanned block: keep all / recompute all / keep matmul outputs
 
     def __post_init__(self):
         def fail(msg):
