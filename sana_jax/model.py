@@ -335,30 +335,30 @@ class SanaTransformer(nn.Module):
 
         # Patch embedding: Conv(kernel = stride = p) -> tokens [B, N, D] in row-major (h, w) order.
         x = PatchEmbed(cfg, name="x_embedder")(x)
-        self.sow("intermediates", "x_embedder", x)
+        self.sow("intermediates", "x_embedder_out", x)
         if cfg.use_pe:
             pos = sincos_pos_embed_2d(d, grid_hw, cfg.sample_size // p, cfg.pe_interpolation)
             x = x + jnp.asarray(pos, dtype)[None]
 
         t = TimestepEmbedder(cfg, name="t_embedder")(timestep)  # [B, D]
-        self.sow("intermediates", "t_embedder", t)
+        self.sow("intermediates", "t_embedder_out", t)
         if cfg.guidance_embeds:
             g = TimestepEmbedder(cfg, name="cfg_embedder")(guidance.astype(jnp.float32) * cfg.guidance_embeds_scale)
-            self.sow("intermediates", "cfg_embedder", g)
+            self.sow("intermediates", "cfg_embedder_out", g)
             t = t + g
         t0 = Linear(6 * d, cfg, ("embed", "modulation"), kernel_init=_normal_002, name="t_block")(nn.silu(t))
-        self.sow("intermediates", "t_block", t0)
+        self.sow("intermediates", "t_block_out", t0)
 
         y = YEmbedder(cfg, name="y_embedder")(y.astype(dtype))  # [B, L, D]
-        self.sow("intermediates", "y_embedder", y)
+        self.sow("intermediates", "y_embedder_out", y)
         # Once, on all L projected tokens (padding included), before any masking.
         y = RMSNorm(cfg.norm_eps, cfg.y_norm_scale_factor, name="attention_y_norm")(y)
-        self.sow("intermediates", "attention_y_norm", y)
+        self.sow("intermediates", "attention_y_norm_out", y)
 
         x, _ = _scanned_blocks(cfg, grid_hw)(x, y, mask_bias, t0)
 
         x = FinalLayer(cfg, name="final_layer")(x, t)  # [B, N, p*p*C_out]
-        self.sow("intermediates", "final_layer", x)
+        self.sow("intermediates", "final_layer_out", x)
         x = x.reshape(b, *grid_hw, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
         out = x.reshape(b, height, width, cfg.out_channels)
         if cfg.logvar:

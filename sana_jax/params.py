@@ -54,7 +54,7 @@ def intermediates(model: SanaTransformer, params: dict, x, timestep, y, mask=Non
     out, state = model.apply({"params": params}, x, timestep, y, mask, guidance=guidance,
                              mutable=["intermediates"])
     sown = state["intermediates"]
-    named = {key: value[0] for key, value in sown.items() if key != "blocks"}
+    named = {key.removesuffix("_out"): value[0] for key, value in sown.items() if key != "blocks"}
     for i, block_out in enumerate(sown["blocks"]["out"][0]):
         named[f"block.{i}.out"] = block_out
     return out, named

@@ -1,0 +1,167 @@
+"""sana_jax.SanaTransformer on its own: initialisation, input checks, masking, dtypes, remat, gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sana_jax
+from sana_jax import configs
+from tests.helpers import assert_close, perturb_params
+
+SPRINT = configs.TINY.replace(qk_norm=True, cross_norm=True, guidance_embeds=True, logvar=True)
+
+
+def make_inputs(cfg, b=2, h=6, w=10, tokens=12, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((b, h, w, cfg.in_channels)), jnp.float32)
+    t = jnp.asarray([937.0, 3.0][:b] + [500.0] * max(0, b - 2), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((b, tokens, cfg.caption_channels)), jnp.float32)
+    mask = np.ones((b, tokens), np.int32)
+    mask[-1, 5:] = 0
+    g = jnp.asarray(rng.uniform(3.0, 5.0, b), jnp.float32) if cfg.guidance_embeds else None
+    return x, t, y, jnp.asarray(mask), g
+
+
+@pytest.fixture(scope="module", params=["tiny", "sprint"])
+def model_and_params(request):
+    cfg = configs.TINY if request.param == "tiny" else SPRINT
+    model = sana_jax.SanaTransformer(cfg)
+    return model, perturb_params(sana_jax.init_params(model, jax.random.key(0)), seed=1)
+
+
+def test_original_initialisation():
+    cfg = configs.TINY.replace(qk_norm=True, cross_norm=True, hidden_size=128, num_cross_heads=8)
+    params = sana_jax.init_params(sana_jax.SanaTransformer(cfg), jax.random.key(0))
+    d = cfg.hidden_size
+    np.testing.assert_array_equal(params["attention_y_norm"]["weight"], np.full(d, 0.01, np.float32))
+    np.testing.assert_array_equal(params["blocks"]["attn"]["q_norm"]["weight"], np.ones((cfg.depth, d)))
+    for path in (("blocks", "attn", "proj"), ("blocks", "cross_attn", "kv_linear"), ("final_layer", "linear"),
+                 ("t_block",), ("y_embedder", "fc1")):
+        leaf = params
+        for key in path:
+            leaf = leaf[key]
+        np.testing.assert_array_equal(leaf["bias"], 0.0)  # Linear biases start at zero ...
+        assert np.abs(leaf["kernel"]).min() >= 0 and np.abs(leaf["kernel"]).max() > 0  # ... kernels never do
+    # xavier_uniform bound sqrt(6 / (fan_in + fan_out)); N(0, 0.02) where SANA says so; randn / sqrt(D) tables.
+    qkv = params["blocks"]["attn"]["qkv"]["kernel"]
+    assert np.abs(qkv).max() <= np.sqrt(6 / (d + 3 * d)) and np.abs(qkv).max() > 0.9 * np.sqrt(6 / (4 * d))
+    assert abs(np.std(params["t_block"]["kernel"]) - 0.02) < 0.002
+    assert abs(np.std(params["blocks"]["scale_shift_table"]) - d ** -0.5) < 0.1 * d ** -0.5
+    # No adaLN-Zero: the output layer is not zero, so a fresh model's output depends on its input.
+    assert np.abs(params["final_layer"]["linear"]["kernel"]).max() > 0
+    # GLUMBConv convs keep PyTorch's default U(+-1/sqrt(fan_in)); the depthwise fan_in is 9.
+    dw = params["blocks"]["mlp"]["depth_conv"]["kernel"]
+    assert np.abs(dw).max() <= 1 / 3 and np.abs(dw).max() > 0.3
+
+
+def test_output_shape_and_padding_tokens_have_no_effect(model_and_params):
+    model, params = model_and_params
+    x, t, y, mask, g = make_inputs(model.config)
+    out = model.apply({"params": params}, x, t, y, mask, guidance=g)
+    assert out.shape == x.shape[:3] + (model.config.out_channels,) and np.isfinite(out).all()
+    y_changed = y.at[-1, 5:].set(123.0)  # padded tokens of the last row only
+    out_changed = model.apply({"params": params}, x, t, y_changed, mask, guidance=g)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out_changed))
+    y_real_changed = y.at[-1, 0].add(1.0)
+    assert not np.allclose(out[-1], model.apply({"params": params}, x, t, y_real_changed, mask, guidance=g)[-1])
+
+
+def test_official_caption_layout_is_accepted(model_and_params):
+    model, params = model_and_params
+    x, t, y, mask, g = make_inputs(model.config)
+    out = model.apply({"params": params}, x, t, y, mask, guidance=g)
+    out_4d = model.apply({"params": params}, x, t, y[:, None], mask, guidance=g)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out_4d))
+
+
+def test_every_parameter_gets_a_gradient(model_and_params):
+    model, params = model_and_params
+    x, t, y, mask, g = make_inputs(model.config)
+
+    def loss(p):
+        return jnp.mean(model.apply({"params": p}, x, t, y, mask, guidance=g) ** 2)
+
+    grads = jax.grad(loss)(params)
+    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+        name = jax.tree_util.keystr(path)
+        if "logvar_linear" in name:  # used only by the sCM loss, not by the velocity
+            assert not np.any(grad), name
+        else:
+            assert np.all(np.isfinite(grad)) and np.any(grad), name
+
+
+def test_sprint_logvar_head():
+    model = sana_jax.SanaTransformer(SPRINT)
+    params = perturb_params(sana_jax.init_params(model, jax.random.key(0)))
+    x, t, y, mask, g = make_inputs(SPRINT)
+    out, logvar = model.apply({"params": params}, x, t / 1000, y, mask, guidance=g, return_logvar=True)
+    assert logvar.shape == (2, 1) and out.shape == x.shape[:3] + (SPRINT.out_channels,)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_policy_changes_memory_not_numbers(policy):
+    cfg = configs.TINY
+    params = perturb_params(sana_jax.init_params(sana_jax.SanaTransformer(cfg), jax.random.key(0)))
+    x, t, y, mask, _ = make_inputs(cfg)
+
+    def loss_and_grad(c):
+        model = sana_jax.SanaTransformer(c)
+        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, y, mask) ** 2)))(params)
+
+    (ref_loss, ref_grads), (loss, grads) = loss_and_grad(cfg), loss_and_grad(cfg.replace(remat_policy=policy))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_grads), jax.tree_util.tree_leaves(grads)):
+        assert_close(f"remat {policy} grad {jax.tree_util.keystr(path)}", a, b, "tiny_fp32_grad")
+
+
+def test_bf16_compute_tracks_fp32(model_and_params):
+    model, params = model_and_params
+    x, t, y, mask, g = make_inputs(model.config)
+    ref = model.apply({"params": params}, x, t, y, mask, guidance=g)
+    bf16 = sana_jax.SanaTransformer(model.config.replace(compute_dtype="bfloat16"))
+    out = bf16.apply({"params": params}, x, t, y, mask, guidance=g)
+    assert out.dtype == jnp.bfloat16
+    assert_close(f"{model.config.name} bf16 vs fp32", ref, out, "tiny_bf16")
+
+
+def test_fp16_output_is_clipped_and_finite():
+    cfg = configs.TINY.replace(compute_dtype="float16")
+    model = sana_jax.SanaTransformer(cfg)
+    params = perturb_params(sana_jax.init_params(model, jax.random.key(0)))
+    x, t, y, mask, _ = make_inputs(cfg)
+    assert np.isfinite(np.asarray(model.apply({"params": params}, x * 100, t, y, mask), np.float32)).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: {**a, "x": a["x"][..., :3]}, r"x must be \[B, H, W, 8\]"),
+    (lambda a: {**a, "t": a["t"][:1]}, r"timestep must be \[B\]"),
+    (lambda a: {**a, "y": a["y"][..., :5]}, r"y must be \[B, L, 24\]"),
+    (lambda a: {**a, "mask": a["mask"][:, :3]}, r"mask must be \[B, L\]"),
+    (lambda a: {**a, "g": jnp.ones(2)}, "no guidance embedder"),
+])
+def test_bad_inputs_name_the_argument_and_shape(change, message):
+    model = sana_jax.SanaTransformer(configs.TINY)
+    params = sana_jax.init_params(model, jax.random.key(0))
+    x, t, y, mask, g = make_inputs(configs.TINY)
+    a = change(dict(x=x, t=t, y=y, mask=mask, g=g))
+    with pytest.raises(ValueError, match=message):
+        model.apply({"params": params}, a["x"], a["t"], a["y"], a["mask"], guidance=a["g"])
+
+
+def test_sprint_requires_guidance():
+    model = sana_jax.SanaTransformer(SPRINT)
+    params = sana_jax.init_params(model, jax.random.key(0))
+    x, t, y, mask, _ = make_inputs(SPRINT)
+    with pytest.raises(ValueError, match="pass guidance"):
+        model.apply({"params": params}, x, t, y, mask)
+
+
+def test_patch_size_2_and_odd_grid():
+    cfg = configs.TINY.replace(patch_size=2)
+    model = sana_jax.SanaTransformer(cfg)
+    params = perturb_params(sana_jax.init_params(model, jax.random.key(0)))
+    x, t, y, mask, _ = make_inputs(cfg, h=6, w=10)
+    assert model.apply({"params": params}, x, t, y, mask).shape == x.shape
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        model.apply({"params": params}, x[:, :5], t, y, mask)
