@@ -3,10 +3,11 @@
 from sana_jax import configs
 from sana_jax.configs import SanaConfig
 from sana_jax.model import SanaTransformer
-from sana_jax.params import abstract_params, count_params, init_params, intermediates, logical_axes
+from sana_jax.params import (abstract_params, count_params, init_params, intermediates, logical_axes,
+                             perturb_params)
 
 __all__ = ["configs", "SanaConfig", "SanaTransformer", "abstract_params", "count_params", "init_params", "intermediates",
-           "logical_axes", "load_pretrained"]
+           "logical_axes", "perturb_params", "load_pretrained"]
 
 
 def load_pretrained(path, config=None):

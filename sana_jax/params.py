@@ -58,3 +58,18 @@ def intermediates(model: SanaTransformer, params: dict, x, timestep, y, mask=Non
     for i, block_out in enumerate(sown["blocks"]["out"][0]):
         named[f"block.{i}.out"] = block_out
     return out, named
+
+
+def perturb_params(params, seed: int = 0, matrix_std: float = 0.05, vector_std: float = 0.3):
+    """Every leaf moved away from its init: + randn * matrix_std where ndim >= 2 (per layer for stacked blocks,
+    whose leading axis does not count), + randn * vector_std otherwise. The recipe of the golden fixtures: with no
+    parameter at a special value (zero bias, unit norm weight), an implementation that ignores one shows it."""
+    rng = np.random.default_rng(seed)
+
+    def move(path, leaf):
+        leaf = np.asarray(leaf, np.float32)
+        per_layer_ndim = leaf.ndim - (jax.tree_util.keystr(path).startswith("['blocks']"))
+        std = matrix_std if per_layer_ndim >= 2 else vector_std
+        return leaf + (rng.standard_normal(leaf.shape) * std).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(move, params)

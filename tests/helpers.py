@@ -34,17 +34,3 @@ def assert_close(name: str, ref, out, link: str) -> float:
         raise AssertionError(f"{name}: max|diff|/max|ref| = {err:.3e} > {tol:.0e} ({link})")
     return err
 
-
-def perturb_params(params, seed: int = 0):
-    """Every leaf moved away from its init (randn * 0.05 for matrices/convs, * 0.3 for vectors), the recipe of
-    the golden fixtures, so a parameter that an implementation ignores changes the output."""
-    import jax
-
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    rng = np.random.default_rng(seed)
-    out = []
-    for leaf in leaves:
-        leaf = np.asarray(leaf, np.float32)
-        std = 0.05 if leaf.ndim >= 2 else 0.3
-        out.append((leaf + rng.standard_normal(leaf.shape).astype(np.float32) * std).astype(np.float32))
-    return jax.tree_util.tree_unflatten(treedef, out)

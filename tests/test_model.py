@@ -7,7 +7,8 @@ import pytest
 
 import sana_jax
 from sana_jax import configs
-from tests.helpers import assert_close, perturb_params
+from sana_jax import perturb_params
+from tests.helpers import assert_close
 
 SPRINT = configs.TINY.replace(qk_norm=True, cross_norm=True, guidance_embeds=True, logvar=True)
 

@@ -1,0 +1,57 @@
+"""The `sana-jax` command line. The only module that knows every other part of the project."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sana-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="convert-and-parity demo on random tiny SANA models (no downloads)")
+    demo.add_argument("--out", default="outputs/demo", help="folder for exports, report.json and PNG plots")
+    demo.add_argument("--seed", type=int, default=0)
+
+    convert = sub.add_parser("convert", help="convert a checkpoint between official, diffusers and sana-jax formats")
+    convert.add_argument("source", help="official .pth/.safetensors, diffusers folder, or sana-jax export folder")
+    convert.add_argument("dest", help="output path (file for official, folder for diffusers / sana-jax)")
+    convert.add_argument("--to", required=True, choices=["official", "diffusers", "sana-jax"])
+    convert.add_argument("--config", help="released variant name when key shapes cannot identify the model "
+                                          "(e.g. cross-attention heads, 2K/4K position embedding)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+    parity = sub.add_parser("parity", help="per-module error report: sana_jax vs sana_torch_ref (vs diffusers)")
+    parity.add_argument("checkpoint", help="official .pth/.safetensors, diffusers folder, or sana-jax export")
+    parity.add_argument("--config", help="released variant name when key shapes cannot identify the model")
+    parity.add_argument("--latent", default="8x12", help="latent grid HxW (image px / 32); default 8x12")
+    parity.add_argument("--tokens", type=int, default=16, help="caption tokens L (the released models use 300)")
+    parity.add_argument("--batch", type=int, default=2)
+    parity.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16")
+    parity.add_argument("--no-diffusers", action="store_true", help="skip diffusers (saves memory on big models)")
+    parity.add_argument("--json", help="also write the rows as JSON here")
+    parity.add_argument("--png", help="also plot the report as a PNG here")
+    parity.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from sana_jax.cli.demo import run_demo
+
+        return run_demo(args.out, seed=args.seed)
+    if args.command == "convert":
+        from sana_jax.cli.commands import run_convert
+
+        return run_convert(args)
+    if args.command == "parity":
+        from sana_jax.cli.commands import run_parity
+
+        return run_parity(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

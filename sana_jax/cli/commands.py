@@ -1,0 +1,67 @@
+"""`sana-jax convert` and `sana-jax parity`."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+def _config_override(name):
+    from sana_jax import configs
+
+    return configs.get(name) if name else None
+
+
+def run_convert(args) -> int:
+    import sana_jax
+    from sana_conversion import export_diffusers, export_official, save_params
+
+    model, params = sana_jax.load_pretrained(args.source, config=_config_override(args.config))
+    cfg = model.config
+    export = {"official": export_official, "diffusers": export_diffusers, "sana-jax": save_params}[args.to]
+    export(cfg, params, args.dest, overwrite=args.overwrite)
+    print(f"{args.source} ({cfg.name}, {sana_jax.count_params(params):,} parameters) -> {args.dest} ({args.to})")
+    return 0
+
+
+def _latent(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--latent must look like 8x12 (latent height x width), got {text!r}") from None
+    return h, w
+
+
+def run_parity(args) -> int:
+    import sana_jax
+    from sana_jax.cli import parity
+    from sana_jax.cli.plot import plot_report
+
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    for dtype in dtypes:
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise SystemExit(f"--dtypes: unknown dtype {dtype!r} (float32, bfloat16, float16)")
+    model, params = sana_jax.load_pretrained(args.checkpoint, config=_config_override(args.config))
+    cfg = model.config
+    inputs = parity.random_inputs(cfg, args.batch, _latent(args.latent), args.tokens, args.seed)
+    with tqdm(total=len(dtypes) * (3 if not args.no_diffusers else 2), desc="parity", file=sys.stderr) as bar:
+        def progress(label):
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        rows = parity.parity_report(cfg, params, inputs, dtypes, with_diffusers=not args.no_diffusers,
+                                    progress=progress)
+    print(f"{args.checkpoint}: {cfg.name}, latent {args.latent}, {args.tokens} tokens, batch {args.batch}")
+    print(parity.format_report(rows))
+    meta = {"checkpoint": args.checkpoint, "config": cfg.name, "latent": args.latent, "tokens": args.tokens,
+            "batch": args.batch, "seed": args.seed}
+    if args.json:
+        parity.write_json(rows, args.json, meta)
+    if args.png:
+        names = sorted({r.name for r in rows}, key=parity._order)
+        plot_report(rows, names, args.png, f"parity of {args.checkpoint}", parity.FP32_TARGET)
+    failures = parity.fp32_failures(rows)
+    for row in failures:
+        print(f"FAIL {row.impl} fp32 {row.name}: rel {row.rel:.3e} > {parity.FP32_TARGET:.0e}", file=sys.stderr)
+    return 1 if failures else 0
