@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-ComputeDtype = Literal["float32", "bfloat16", "float16"]
+ComputeDtype = Literal["float32", "bfloat16", "float16", "float64"]
 RematPolicy = Literal["none", "full", "dots_saveable"]
 
-_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+_COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _REMAT_POLICIES = ("none", "full", "dots_saveable")
 
 
@@ -45,7 +45,8 @@ class SanaConfig:
     linear_attn_eps: float = 1e-8  # LiteLA denominator eps as SanaMS builds it (diffusers: 1e-15)
     timestep_scale: float = 1.0  # diffusers pipeline multiplies t by this before the model (Sprint teacher)
     flow_shift: float = 3.0  # sampling/training flow shift of the released recipe
-    compute_dtype: ComputeDtype = "float32"  # activations and matmul inputs; params stay fp32
+    compute_dtype: ComputeDtype = "float32"  # activations and matmul inputs; params stay fp32. float64 is for
+    # parity checks of gradients (needs jax_enable_x64): it removes fp32 rounding from the comparison.
     remat_policy: RematPolicy = "none"  # per scanned block: keep all / recompute all / keep matmul outputs
 
     def __post_init__(self):

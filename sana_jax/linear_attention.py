@@ -17,13 +17,14 @@ def relu_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, eps: float =
       q, k, v: [B, N, H, D] in any float dtype (q, k before the ReLU).
       eps: denominator eps; SanaMS builds LiteLA with 1e-8, diffusers uses 1e-15.
     Returns:
-      [B, N, H, D] in v's dtype. Everything after the ReLU runs in fp32 whatever the input dtype, as the
-      original's `fp32_attention` (sums over N tokens overflow or lose all precision in 16-bit).
+      [B, N, H, D] in v's dtype. Everything after the ReLU runs in fp32 (fp64 for fp64 inputs) whatever the
+      input dtype, as the original's `fp32_attention` (sums over N tokens overflow or lose all precision in 16-bit).
     """
-    q = jax.nn.relu(q).astype(jnp.float32)
-    k = jax.nn.relu(k).astype(jnp.float32)
+    acc = jnp.promote_types(v.dtype, jnp.float32)
+    q = jax.nn.relu(q).astype(acc)
+    k = jax.nn.relu(k).astype(acc)
     out_dtype = v.dtype
-    v = v.astype(jnp.float32)
+    v = v.astype(acc)
     # SANA pads v with a channel of ones so that one matmul gives numerator and denominator together:
     # row D of vk is sum_m k_m, so row D of the output is the normaliser sum_m k_m . q_n.
     v_pad = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)  # [B, N, H, D+1]

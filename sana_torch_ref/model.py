@@ -59,6 +59,11 @@ def get_2d_sincos_pos_embed(dim: int, grid_hw: tuple[int, int], base_size: int,
     return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # [N, dim]
 
 
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where SANA computes in fp32 whatever the activation dtype: fp32, or fp64 for fp64 parity checks."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis: normalised in fp32, times the weight, cast back to the input dtype."""
 
@@ -68,7 +73,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim) * scale_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(accum_dtype(x.dtype))
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
 
 
@@ -90,14 +95,16 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     @staticmethod
-    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]  # [B, half]
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+        args = t[:, None].to(dtype) * freqs[None]  # [B, half]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.sinusoidal(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
+        dtype = self.mlp[0].weight.dtype
+        t_freq = self.sinusoidal(t, self.frequency_dim, dtype=accum_dtype(dtype)).to(dtype)
         return self.mlp(t_freq)  # [B, D]
 
 
@@ -172,9 +179,10 @@ class MultiHeadCrossAttention(nn.Module):
         q = self.q_norm(self.q_linear(x))  # [B, N, C]
         k, v = self.kv_linear(y).chunk(2, dim=-1)  # [B, L, C] each
         k = self.k_norm(k)
-        q = q.reshape(B, N, self.num_heads, -1).transpose(1, 2).float()  # [B, H, N, C/H]
-        k = k.reshape(B, L, self.num_heads, -1).transpose(1, 2).float()  # [B, H, L, C/H]
-        v = v.reshape(B, L, self.num_heads, -1).transpose(1, 2).float()  # [B, H, L, C/H]
+        acc = accum_dtype(x.dtype)
+        q = q.reshape(B, N, self.num_heads, -1).transpose(1, 2).to(acc)  # [B, H, N, C/H]
+        k = k.reshape(B, L, self.num_heads, -1).transpose(1, 2).to(acc)  # [B, H, L, C/H]
+        v = v.reshape(B, L, self.num_heads, -1).transpose(1, 2).to(acc)  # [B, H, L, C/H]
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias  # [B, H, N, L]
         out = torch.softmax(scores, dim=-1) @ v  # [B, H, N, C/H]
         out = out.to(x.dtype).transpose(1, 2).reshape(B, N, C)

@@ -8,9 +8,17 @@ TOLERANCES = {
     "fixture_fp32": 1e-5,
     # sana_torch_ref <-> sana_jax <-> diffusers on random tiny models, fp32 forward.
     "tiny_fp32": 1e-5,
-    # Gradients w.r.t. inputs and every parameter, fp32: the same target as the forward (issue 2 "gradients
-    # included"); gradients of tiny models are sums of a few hundred products, so fp32 reordering stays ~1e-6.
-    "tiny_fp32_grad": 1e-5,
+    # Gradients w.r.t. the inputs x and y, fp32. Looser than the forward because fp32 rounding alone is larger
+    # than 1e-5 here: on the q/k-norm variant with 8-wide heads (awkward shapes, ill-conditioned LiteLA
+    # denominators) sana_jax is 2.8e-5 and sana_torch_ref 1.3e-5 from an fp64 run of the same model (measured),
+    # so their agreement cannot be tighter than that. Exact agreement of the maths is checked in fp64 below.
+    "tiny_fp32_grad": 5e-5,
+    # Gradients w.r.t. every parameter are compared in fp64 instead: in fp32 the cross-attention q-path gradients
+    # (q_linear, q_norm, k_norm) are ~50x smaller than their neighbours' and fp32 rounding alone puts both
+    # sana_torch_ref and diffusers 2e-4 / 3e-4 away from an fp64 run (measured), so an fp32 comparison could
+    # only pass with a loose bound. In fp64 the two implementations must agree to rounding (~1e-15 per op,
+    # grown by a few hundred accumulated terms); 1e-10 still catches any real difference in the maths.
+    "tiny_fp64": 1e-10,
     # conversions: bit-exact.
     "roundtrip": 0.0,
     # fp32 reference vs bf16 compute dtype of the same model: bf16 has an 8-bit mantissa (2^-8 = 3.9e-3 per
