@@ -42,9 +42,10 @@ def run_parity(args) -> int:
     for dtype in dtypes:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise SystemExit(f"--dtypes: unknown dtype {dtype!r} (float32, bfloat16, float16)")
+    latent = _latent(args.latent)
     model, params = sana_jax.load_pretrained(args.checkpoint, config=_config_override(args.config))
     cfg = model.config
-    inputs = parity.random_inputs(cfg, args.batch, _latent(args.latent), args.tokens, args.seed)
+    inputs = parity.random_inputs(cfg, args.batch, latent, args.tokens, args.seed)
     with tqdm(total=len(dtypes) * (3 if not args.no_diffusers else 2), desc="parity", file=sys.stderr) as bar:
         def progress(label):
             bar.set_postfix_str(label)
