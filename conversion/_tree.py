@@ -93,6 +93,22 @@ def check_keys(present, expected, source: str, ignored=()) -> None:
         raise ValueError(f"{source}: " + "; ".join(parts))
 
 
+def checked_fp32(state_dict: Mapping, expected: Mapping[str, tuple[int, ...]], source: str,
+                 ignored=()) -> dict[str, np.ndarray]:
+    """{key: fp32 ndarray} for exactly the `expected` keys, after checking the key sets (`ignored` may be present)
+    and every shape and dtype; one ValueError lists every problem, each naming its key and both shapes."""
+    check_keys(state_dict, expected, source, ignored)
+    errors, arrays = [], {}
+    for key, shape in expected.items():
+        try:
+            arrays[key] = as_fp32(key, state_dict[key], shape, source)
+        except ValueError as err:
+            errors.append(str(err))
+    if errors:
+        raise ValueError("\n".join(errors))
+    return arrays
+
+
 def _preview(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")

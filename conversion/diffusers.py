@@ -26,7 +26,7 @@ import numpy as np
 
 from sana_conversion._files import (atomic_dir, read_safetensors, read_torch, tensors_to_numpy, write_json,
                                     write_safetensors)
-from sana_conversion._tree import as_fp32, check_keys, check_params
+from sana_conversion._tree import check_params, checked_fp32
 from sana_conversion.official import official_shapes, official_to_jax, official_views
 from sana_jax.configs import SanaConfig
 
@@ -139,15 +139,7 @@ def diffusers_to_jax(state_dict: Mapping, cfg: SanaConfig) -> dict:
                          f"head; use cfg.replace(logvar=False) (config_from_diffusers always does)")
     expected = diffusers_shapes(cfg)
     source = f"diffusers state_dict for config {cfg.name!r}"
-    check_keys(state_dict, expected, source)
-    errors, arrays = [], {}
-    for key, shape in expected.items():
-        try:
-            arrays[key] = as_fp32(key, state_dict[key], shape, source)
-        except ValueError as err:
-            errors.append(str(err))
-    if errors:
-        raise ValueError("\n".join(errors))
+    arrays = checked_fp32(state_dict, expected, source)
     official = {key: np.concatenate([arrays[t] for t in targets]) if len(targets) > 1 else arrays[targets[0]]
                 for key, targets in _pairs(cfg)}
     return official_to_jax(official, cfg)

@@ -23,7 +23,7 @@ import numpy as np
 
 from sana_conversion._files import (TORCH_SUFFIXES, atomic_file, read_safetensors, read_torch, tensors_to_numpy,
                                     write_safetensors)
-from sana_conversion._tree import as_fp32, check_keys, check_params, jax_shapes, unflatten
+from sana_conversion._tree import check_params, checked_fp32, jax_shapes, unflatten
 from sana_jax.configs import SanaConfig
 
 # Buffers of SanaMS that a checkpoint may carry and the forward never reads: `pos_embed` is recomputed for each
@@ -178,16 +178,7 @@ def official_to_jax(state_dict: Mapping, cfg: SanaConfig, ema: bool = False) -> 
     state_dict = unwrap_state_dict(state_dict, ema)
     expected = official_shapes(cfg)
     source = f"official state_dict for config {cfg.name!r}"
-    check_keys(state_dict, expected, source, ignored=IGNORED_BUFFERS)
-    errors = []
-    arrays = {}
-    for key, shape in expected.items():
-        try:
-            arrays[key] = as_fp32(key, state_dict[key], shape, source)
-        except ValueError as err:
-            errors.append(str(err))
-    if errors:
-        raise ValueError("\n".join(errors))
+    arrays = checked_fp32(state_dict, expected, source, ignored=IGNORED_BUFFERS)
 
     flat = {}
     for pattern, path, transform in _rules(cfg):
