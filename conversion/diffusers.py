@@ -26,7 +26,7 @@ import numpy as np
 
 from sana_conversion._files import (atomic_dir, read_safetensors, read_torch, tensors_to_numpy, write_json,
                                     write_safetensors)
-from sana_conversion._tree import check_params, checked_fp32
+from sana_conversion._tree import check_keys, check_params, checked_fp32
 from sana_conversion.official import official_shapes, official_to_jax, official_views
 from sana_jax.configs import SanaConfig
 
