@@ -190,7 +190,10 @@ def format_report(rows: list[Row]) -> str:
 
 
 def fp32_failures(rows: list[Row], target: float = FP32_TARGET) -> list[Row]:
-    return [r for r in rows if r.dtype == "float32" and not r.rel <= target]
+    """sana_jax fp32 rows above the target. diffusers rows are reported, not judged: diffusers differs from the
+    original on purpose in two eps values (cross-attention q/k RMSNorm 1e-5 vs 1e-6, LiteLA 1e-15 vs 1e-8),
+    which moves a full-size SANA-1.5 output by ~1e-5 (measured on 1.6B, H100)."""
+    return [r for r in rows if r.impl == "jax" and r.dtype == "float32" and not r.rel <= target]
 
 
 def write_json(rows: list[Row], path: str, meta: dict) -> None:
