@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sana_kernels.linear_attn import Backend, get as get_linear_attention
 from sana_kernels.linear_attn.naive import relu_linear_attention
 
 # (q, k, v [B, N, H, D], eps) -> [B, N, H, D]; see kernels/linear_attn/README.md.
@@ -272,15 +273,18 @@ class SanaRef(nn.Module):
             num_cross_heads, mlp_ratio, caption_channels, in_channels, out_channels, patch_size, sample_size,
             qk_norm, cross_norm, use_pe, pe_interpolation, guidance_embeds, guidance_embeds_scale, logvar,
             y_norm_scale_factor, norm_eps, cross_norm_eps, linear_attn_eps). Kept as `self.config`.
-        linear_attn: the linear self-attention op, `(q, k, v [B, N, H, D], eps) -> [B, N, H, D]`.
-            Default: `sana_kernels.linear_attn.naive.relu_linear_attention`.
+        linear_attn: the linear self-attention op, `(q, k, v [B, N, H, D], eps) -> [B, N, H, D]`, or a backend
+            name for `sana_kernels.linear_attn.get`: `"naive"` or `"triton"` (fused kernels, CUDA, fp32/fp16/bf16).
+            Default: `sana_kernels.linear_attn.naive.relu_linear_attention` (= `"naive"`).
 
     Parameters are initialised as the original `initialize_weights` does (see `_init_weights`).
     """
 
-    def __init__(self, cfg: Any, linear_attn: LinearAttention = relu_linear_attention):
+    def __init__(self, cfg: Any, linear_attn: LinearAttention | Backend = relu_linear_attention):
         super().__init__()
         _check_config(cfg)
+        if isinstance(linear_attn, str):
+            linear_attn = get_linear_attention(linear_attn)
         self.config = cfg
         D = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
@@ -461,7 +465,7 @@ def _read_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> tuple[dic
 
 
 def load_official(source: Mapping[str, Any] | str | os.PathLike, cfg: Any, strict: bool = True,
-                  linear_attn: LinearAttention = relu_linear_attention) -> SanaRef:
+                  linear_attn: LinearAttention | Backend = relu_linear_attention) -> SanaRef:
     """A `SanaRef(cfg)` holding an official NVlabs/Sana state_dict, loaded under its own key names.
 
     Args:
@@ -470,7 +474,7 @@ def load_official(source: Mapping[str, Any] | str | os.PathLike, cfg: Any, stric
         cfg: the model configuration (see `SanaRef`); key shapes are checked against it.
         strict: if True (default), any missing or unexpected key raises. `pos_embed` and
             `y_embedder.y_embedding` may always be absent or present: the forward never reads them.
-        linear_attn: passed to `SanaRef`.
+        linear_attn: passed to `SanaRef` (an op or `"naive"` / `"triton"`).
 
     Raises:
         ValueError: naming every missing/unexpected key and every shape mismatch (key, checkpoint shape,
