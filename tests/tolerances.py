@@ -35,4 +35,12 @@ TOLERANCES = {
     # catastrophically in fp32 and sits 2.7e-4 (shift 3) / 3.5e-4 (shift 4) from the exact x - t v that diffusers
     # and sana_jax compute (fixtures README, quirk 2); the next latent is within 1e-5 again.
     "fixture_dpm_first_x0": 5e-4,
+    # Gemma-2 text encoder (sana_jax.text) vs transformers.Gemma2Model eager, fp32, tiny perturbed models, valid and
+    # padded positions; also SanaPipeline.encode_prompt embeddings. The DESIGN.md fp32 target; measured <= 8e-7.
+    "gemma2_fp32": 1e-5,
+    # sana_jax.text bf16 compute vs its own fp32 run on the same tiny perturbed models: measured 1.1e-2 to 3.6e-2
+    # (worst: one key/value head), while transformers' own bf16 runs of the same models are 1.3e-2 to 5.0e-2 from
+    # their fp32 runs. bf16 rounds every residual add and matmul input to 8 bits and the sandwich norms pass the
+    # errors on; the test also requires sana_jax's bf16 error <= 1.5x transformers'.
+    "gemma2_bf16": 6e-2,
 }
