@@ -69,6 +69,10 @@ class Schedule(NamedTuple):
     timesteps: np.ndarray
     coefficients: np.ndarray
 
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
 
 class Trajectory(NamedTuple):
     """Every step of one sampling run (returned with `return_intermediates=True`).
@@ -247,11 +251,31 @@ def sample(velocity_fn: VelocityFn, noise: jax.Array, *, method: Method = "flow_
     steps = DEFAULT_STEPS[method] if steps is None else steps
     schedule = make_schedule(method, steps, flow_shift, timestep_convention, max_timestep, intermediate_timestep)
     noise = jnp.asarray(noise, jnp.float32)
+    if method == "scm":
+        step_noise = _scm_step_noise(noise, schedule.steps, key, step_noise)
+    return run_schedule(velocity_fn, noise, method, schedule.timesteps, schedule.grid, schedule.coefficients,
+                        step_noise=step_noise, sigma_data=sigma_data, return_intermediates=return_intermediates)
+
+
+def run_schedule(velocity_fn: VelocityFn, noise: jax.Array, method: Method, timesteps, grid, coefficients, *,
+                 step_noise: jax.Array | None = None, sigma_data: float = SIGMA_DATA,
+                 return_intermediates: bool = False):
+    """The sampling loop of `sample` on a given schedule, as one `lax.scan`: final (, Trajectory).
+
+    timesteps [N], grid [N+1], coefficients [N, K] are a `Schedule`'s fields and may be traced arrays: a jitted
+    caller that passes them as arguments compiles once per (method, N, shapes), whatever the flow shift or
+    timestep convention. step_noise: [N, *noise.shape] standard normal (scm only). Without
+    `return_intermediates` the scan keeps only its carry (no [N, *noise.shape] stacks).
+    """
+    _check_choice("method", method, METHODS)
+    noise = jnp.asarray(noise, jnp.float32)
     if noise.ndim < 1:
         raise ValueError(f"noise must be [B, ...], got shape {noise.shape}")
     batch = noise.shape[0]
-    timesteps = jnp.asarray(schedule.timesteps)
-    coefficients = jnp.asarray(schedule.coefficients)
+    timesteps, grid = jnp.asarray(timesteps, jnp.float32), jnp.asarray(grid, jnp.float32)
+    coefficients = jnp.asarray(coefficients, jnp.float32)
+    sigmas = grid[:-1]
+    keep = (lambda x, x0: (x, x0)) if return_intermediates else (lambda x, x0: None)  # noqa: E731
 
     def velocity(x, t):  # t: [B] float32; fp32 result with a checked shape
         v = velocity_fn(x, t)
@@ -260,46 +284,45 @@ def sample(velocity_fn: VelocityFn, noise: jax.Array, *, method: Method = "flow_
         return v.astype(jnp.float32)
 
     if method == "flow_dpm_solver":
-        sigmas = jnp.asarray(schedule.grid[:-1])
-
         def step(carry, xs):
             x, m_prev = carry
-            t, sigma, (a, b, c) = xs[0], xs[1], xs[2]
-            m0 = x - sigma * velocity(x, jnp.full((batch,), t))  # data prediction of a flow model (diffusers' flow_prediction)
+            t, sigma, (a, b, c) = xs
+            m0 = x - sigma * velocity(x, jnp.full((batch,), t))  # data prediction of a flow model (diffusers')
             x = a * x + b * m0 + c * (m0 - m_prev)
-            return (x, m0), (x, m0)
+            return (x, m0), keep(x, m0)
 
-        (final, _), (xs_out, x0s) = jax.lax.scan(step, (noise, jnp.zeros_like(noise)),
-                                                 (timesteps, sigmas, coefficients))
+        (final, _), ys = jax.lax.scan(step, (noise, jnp.zeros_like(noise)), (timesteps, sigmas, coefficients))
         start = noise
     elif method == "flow_euler":
-        sigmas = jnp.asarray(schedule.grid[:-1])
-
         def step(x, xs):
-            t, sigma, dt = xs[0], xs[1], xs[2][0]
+            t, sigma, (dt,) = xs
             v = velocity(x, jnp.full((batch,), t))
-            return x + dt * v, (x + dt * v, x - sigma * v)
+            return x + dt * v, keep(x + dt * v, x - sigma * v)
 
-        final, (xs_out, x0s) = jax.lax.scan(step, noise, (timesteps, sigmas, coefficients))
+        final, ys = jax.lax.scan(step, noise, (timesteps, sigmas, coefficients))
         start = noise
     else:
-        z = _scm_step_noise(noise, steps, key, step_noise)
+        if step_noise is None or tuple(step_noise.shape) != (timesteps.shape[0], *noise.shape):
+            got = None if step_noise is None else tuple(step_noise.shape)
+            raise ValueError(f"scm needs step_noise [steps, *noise.shape] = {(timesteps.shape[0], *noise.shape)}, "
+                             f"got {got}")
 
-        def step(x, xs):
-            (t, cos_s, sin_s, cos_next, sin_next), z_i = xs[0], xs[1]
+        def step(carry, xs):
+            x, _ = carry
+            (t, cos_s, sin_s, cos_next, sin_next), z = xs
             f = trigflow_from_velocity(velocity, x / sigma_data, jnp.full((batch,), t))
             x0 = cos_s * x - sin_s * (sigma_data * f)
-            x = cos_next * x0 + sin_next * (sigma_data * z_i)
-            return x, (x, x0)
+            x = cos_next * x0 + sin_next * (sigma_data * z)
+            return (x, x0), keep(x, x0)
 
         start = noise * sigma_data
-        _, (xs_out, x0s) = jax.lax.scan(step, start, (coefficients, z))
-        final = x0s[-1] / sigma_data
+        (_, last_x0), ys = jax.lax.scan(step, (start, jnp.zeros_like(start)),
+                                        (coefficients, jnp.asarray(step_noise, jnp.float32)))
+        final = last_x0 / sigma_data
     if not return_intermediates:
         return final
-    trajectory = Trajectory(timesteps=timesteps, grid=jnp.asarray(schedule.grid),
-                            x=jnp.concatenate([start[None], xs_out]), x0=x0s)
-    return final, trajectory
+    xs_out, x0s = ys
+    return final, Trajectory(timesteps=timesteps, grid=grid, x=jnp.concatenate([start[None], xs_out]), x0=x0s)
 
 
 def _scm_step_noise(noise: jax.Array, steps: int, key: jax.Array | None, step_noise: jax.Array | None):

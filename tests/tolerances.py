@@ -35,6 +35,10 @@ TOLERANCES = {
     # catastrophically in fp32 and sits 2.7e-4 (shift 3) / 3.5e-4 (shift 4) from the exact x - t v that diffusers
     # and sana_jax compute (fixtures README, quirk 2); the next latent is within 1e-5 again.
     "fixture_dpm_first_x0": 5e-4,
+    # A whole sampled trajectory through a tiny fp32 model (sana_jax.pipeline vs diffusers' SanaPipeline /
+    # SanaSprintPipeline and vs sana_torch_ref's sampling): DESIGN.md's "a whole 20-step sample <= 1e-4". The
+    # per-call model difference (<= 1e-5, tiny_fp32) is carried through every step and amplified by CFG 4.5.
+    "sample_fp32": 1e-4,
     # Gemma-2 text encoder (sana_jax.text) vs transformers.Gemma2Model eager, fp32, tiny perturbed models, valid and
     # padded positions; also SanaPipeline.encode_prompt embeddings. The DESIGN.md fp32 target; measured <= 8e-7.
     "gemma2_fp32": 1e-5,

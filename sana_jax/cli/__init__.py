@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     parity.add_argument("--fp32-target", type=float, default=1e-5,
                         help="exit 1 if a sana_jax fp32 activation differs more than this (relative) from "
                              "sana_torch_ref fp32; DESIGN.md: 1e-5 at tiny size, 1e-4 at full size")
+
+    from sana_jax.cli.generate import add_parser as add_generate
+
+    add_generate(sub)
     return parser
 
 
@@ -53,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         from sana_jax.cli.commands import run_parity
 
         return run_parity(args)
+    if args.command == "generate":
+        from sana_jax.cli.generate import run_generate
+
+        return run_generate(args)
     raise AssertionError(args.command)
 
 
