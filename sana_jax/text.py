@@ -286,6 +286,7 @@ class Gemma2(nn.Module):
         scale = jnp.asarray(np.float32(cfg.hidden_size ** 0.5)).astype(dtype)
         x = jnp.take(table, input_ids, axis=0).astype(dtype) * scale  # [B, T, C]
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        self.sow("intermediates", "embed", x)
 
         cos, sin = (jnp.asarray(a, dtype) for a in rotary_table(t, cfg.head_dim, cfg.rope_theta))
         full_mask, sliding_mask = attention_masks(attention_mask, cfg.sliding_window)
@@ -319,6 +320,17 @@ def abstract_params(model: Gemma2) -> dict:
 def logical_axes(model: Gemma2) -> dict:
     """The logical axis names of every parameter (PartitionSpecs of names, `layers` first under `layers`)."""
     return nn.get_partition_spec(jax.eval_shape(lambda rng: _init_boxed(model, rng), jax.random.key(0)))
+
+
+def intermediates(model: Gemma2, params, input_ids, attention_mask=None) -> tuple[Array, dict[str, Array]]:
+    """Run the model and return (last hidden state, {name: [B, T, C]}) with names `embed` (scaled embeddings),
+    `layer.{i}` (decoder layer i's output, before the final norm), so a parity test names the first divergence."""
+    out, state = model.apply({"params": params}, input_ids, attention_mask, mutable=["intermediates"])
+    sown = state["intermediates"]
+    named = {"embed": sown["embed"][0]}
+    for i, layer_out in enumerate(sown["layers"]["out"][0]):
+        named[f"layer.{i}"] = layer_out
+    return out, named
 
 
 def load_gemma2(path: str, *, compute_dtype: ComputeDtype = "float32", param_dtype: str = "float32"):

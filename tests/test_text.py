@@ -19,6 +19,7 @@ from sana_conversion import gemma2 as g2
 from sana_conversion._tree import flatten, unflatten
 from sana_jax import text
 from tests.helpers import assert_close, relative_error
+from tests.tolerances import TOLERANCES
 
 TINY = text.TINY
 CONFIGS = {
@@ -92,6 +93,15 @@ def test_parity_fp32(parity_case):
     name, cfg, model, params, ids, mask = parity_case
     ref, out = hf_hidden(model, ids, mask), jax_hidden(cfg, params, ids, mask)
     valid = mask == 1
+    # Per layer first, so a failure names the first diverging one. transformers' hidden_states are the embeddings,
+    # then each layer's output, except the last entry, which is the normed final output.
+    with torch.no_grad():
+        hf_states = model(torch.as_tensor(ids).long(), attention_mask=torch.as_tensor(mask).long(),
+                          output_hidden_states=True).hidden_states
+    _, named = jax.jit(functools.partial(text.intermediates, text.Gemma2(cfg)))(params, ids, mask)
+    assert_close(f"gemma2[{name}] embed", hf_states[0], named["embed"], "gemma2_fp32")
+    for i in range(cfg.num_hidden_layers - 1):
+        assert_close(f"gemma2[{name}] layer.{i}", hf_states[i + 1], named[f"layer.{i}"], "gemma2_fp32")
     assert_close(f"gemma2[{name}] valid positions", ref[valid], out[valid], "gemma2_fp32")
     assert_close(f"gemma2[{name}] padded positions", ref[~valid], out[~valid], "gemma2_fp32")
     if name != "gqa":
@@ -172,6 +182,10 @@ def test_gemma2_2b_parameter_count_and_shapes():
     hf_shapes = {key: tuple(value.shape) for key, value in hf.state_dict().items()}
     assert hf_shapes == g2.hf_shapes(text.GEMMA2_2B)
     assert abstract["layers/self_attn/k_proj/kernel"].shape == (26, 2304, 1024)
+    # The whole forward at SANA's size, shapes only.
+    ids = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+    out = jax.eval_shape(model.apply, {"params": text.abstract_params(model)}, ids, ids)
+    assert out.shape == (2, 300, 2304) and out.dtype == jnp.float32
 
 
 def test_every_parameter_has_logical_axes():
@@ -394,8 +408,11 @@ def test_benchmark_runs_tiny(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--tiny", "--no-compile", "--iters", "1", "--warmup", "1"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [line["impl"] for line in lines] == ["jax", "torch_eager", "summary"]
+    assert [line["impl"] for line in lines] == ["jax", "torch_eager", "summary", "parity_fp32"]
     assert all(line["ms"] > 0 for line in lines[:2])
+    summary, parity = lines[2], lines[3]
     # bf16 on both sides, same weights: a few bf16 roundings apart.
-    assert lines[-1]["max_rel_diff_jax_vs_torch_eager"] < 5e-2
-    assert lines[-1]["flops"] == bench.flops(text.TINY, 2, 24)
+    assert summary["max_rel_diff_jax_vs_torch_eager"] < TOLERANCES["gemma2_bf16"]
+    assert summary["flops"] == bench.flops(text.TINY, 2, 24)
+    assert parity["max_rel_diff_valid"] <= TOLERANCES["gemma2_fp32"]
+    assert parity["max_rel_diff_padded"] <= TOLERANCES["gemma2_fp32"]
