@@ -7,7 +7,8 @@ graph) and `fwd_bwd` (forward, then backward with a random cotangent, gradients 
 q, k, v are views of one `[B, N, 3C]` tensor, as the model produces them.
 
     python benchmarks/litela.py                 # GPU: the original's shape and 1024px / 2K / 4K, bf16 and fp16
-    python benchmarks/litela.py --e2e           # also SanaRef forwards (random weights, 1024px, bf16)
+    python benchmarks/litela.py --e2e           # also transformer forwards (random weights, 1024px, bf16):
+                                                # SanaRef with each op, diffusers eager (and compiled) if installed
     TRITON_INTERPRET=1 python benchmarks/litela.py --tiny   # CPU smoke run (the test suite does this)
 """
 
@@ -131,11 +132,31 @@ def _sana_cfg(hidden_size: int, depth: int, num_cross_heads: int):
     )
 
 
-def bench_e2e(device, impls, meta, batch: int):
-    """SanaRef forward (random weights, 1024px = 32x32 latents, 300 caption tokens, bf16), eager model, with
-    each linear-attention implementation."""
+def _diffusers_model(cfg, device):
+    from diffusers import SanaTransformer2DModel
+
+    D = cfg.hidden_size
+    with torch.device(device):
+        model = SanaTransformer2DModel(
+            in_channels=32, out_channels=32, num_attention_heads=D // 32, attention_head_dim=32,
+            num_layers=cfg.depth, num_cross_attention_heads=cfg.num_cross_heads,
+            cross_attention_head_dim=D // cfg.num_cross_heads, cross_attention_dim=D, caption_channels=2304,
+            mlp_ratio=2.5, sample_size=32, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
+            interpolation_scale=None,
+        )
+    return model.to(torch.bfloat16).eval()
+
+
+def bench_e2e(device, impls, meta, batch: int, compile_diffusers: bool):
+    """Transformer forward (random weights, 1024px = 32x32 latents, 300 caption tokens, bf16): SanaRef (eager)
+    with each linear-attention implementation, and diffusers' SanaTransformer2DModel eager (and compiled, if
+    asked) when diffusers is importable."""
     from sana_torch_ref import SanaRef
 
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        diffusers = None
     for name, cfg in (("sana_600m", _sana_cfg(1152, 28, 16)), ("sana_1600m", _sana_cfg(2240, 20, 20))):
         with torch.device(device):
             model = SanaRef(cfg).to(torch.bfloat16).eval()
@@ -154,13 +175,28 @@ def bench_e2e(device, impls, meta, batch: int):
                     return model(x, t, y, None)
 
             outs[impl] = run()
-            row[f"{impl}_ms"] = round(_time_ms(run, device), 3)
-        row["fused_rel_err"] = _rel_err(outs["naive"], outs["fused"])
-        row["speedup_vs_naive"] = round(row["naive_ms"] / row["fused_ms"], 3)
-        if "compiled" in impls:
-            row["speedup_vs_compiled"] = round(row["compiled_ms"] / row["fused_ms"], 3)
-        print(json.dumps({**row, **meta}), flush=True)
+            row[f"sana_ref_{impl}_ms"] = round(_time_ms(run, device), 3)
         del model
+        row["fused_rel_err"] = _rel_err(outs["naive"], outs["fused"])
+        fused_ms = row["sana_ref_fused_ms"]
+        for impl in impls:
+            if impl != "fused":
+                row[f"speedup_vs_sana_ref_{impl}"] = round(row[f"sana_ref_{impl}_ms"] / fused_ms, 3)
+        if diffusers is not None:
+            variants = {"eager": _diffusers_model(cfg, device)}
+            if compile_diffusers:
+                variants["compiled"] = torch.compile(variants["eager"])
+            for kind, dmodel in variants.items():
+                def run():
+                    with torch.no_grad():
+                        return dmodel(hidden_states=x, encoder_hidden_states=y, timestep=t, return_dict=False)[0]
+
+                run()
+                row[f"diffusers_{kind}_ms"] = round(_time_ms(run, device), 3)
+                row[f"speedup_vs_diffusers_{kind}"] = round(row[f"diffusers_{kind}_ms"] / fused_ms, 3)
+            row["diffusers"] = diffusers.__version__
+            del variants
+        print(json.dumps({**row, **meta}), flush=True)
 
 
 def main(argv=None):
@@ -171,6 +207,7 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(naive)")
     parser.add_argument("--e2e", action="store_true", help="also SanaRef forwards at 1024px")
     parser.add_argument("--e2e-batch", type=int, default=16)
+    parser.add_argument("--e2e-compile-diffusers", action="store_true", help="also torch.compile(diffusers model)")
     args = parser.parse_args(argv)
 
     from sana_kernels.linear_attn.fused import fused_relu_linear_attention
@@ -196,7 +233,7 @@ def main(argv=None):
         for dt in dtypes:
             bench_op(name, B, N, H, D, DTYPES[dt], device, impls, meta)
     if args.e2e:
-        bench_e2e(device, impls, meta, args.e2e_batch)
+        bench_e2e(device, impls, meta, args.e2e_batch, args.e2e_compile_diffusers)
 
 
 if __name__ == "__main__":

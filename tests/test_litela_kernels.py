@@ -38,11 +38,12 @@ CASES = [
     (1, 63, 3, 32, None),
     (2, 100, 1, 8, None),
     (1, 200, 5, 32, 64),  # 4 splits, the last one partial
+    (1, 577, 1, 32, None),  # 2 splits of the default 512 tokens, the second of 65
     (3, 17, 2, 8, None),
     (1, 130, 3, 12, 128),
 ]
 if DEVICE == "cuda":
-    CASES += [(2, 1000, 7, 32, None), (1, 4099, 3, 32, None), (4, 2049, 36, 32, 512)]
+    CASES += [(2, 1000, 7, 32, None), (1, 4099, 3, 32, None), (4, 2049, 36, 32, 1024), (1, 16385, 2, 32, None)]
 
 
 def _id(case):
@@ -93,7 +94,8 @@ def _compare(name, q, k, v, do, link, eps=1e-8, **kwargs):
 def test_fused(case, dtype):
     B, N, H, D, chunk_size = case
     (q, k, v), do = _inputs(B, N, H, D, dtype)
-    _compare(f"{_id(case)} {dtype}", q, k, v, do, LINK[dtype], chunk_size=chunk_size)
+    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+    _compare(f"{_id(case)} {dtype}", q, k, v, do, LINK[dtype], **kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -202,7 +204,7 @@ def test_benchmark_tiny(capsys):
     spec = importlib.util.spec_from_file_location("litela_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--tiny", "--dtypes", "fp32"])
+    bench.main(["--tiny", "--dtypes", "fp32", "--shapes", "tiny_B1_N70_H2_D8"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert {(r["mode"], r["dtype"]) for r in rows} >= {("fwd", "fp32"), ("fwd_bwd", "fp32")}
     for r in rows:
