@@ -35,6 +35,10 @@ TOLERANCES = {
     # catastrophically in fp32 and sits 2.7e-4 (shift 3) / 3.5e-4 (shift 4) from the exact x - t v that diffusers
     # and sana_jax compute (fixtures README, quirk 2); the next latent is within 1e-5 again.
     "fixture_dpm_first_x0": 5e-4,
+    # A whole sampled trajectory through a tiny fp32 model (sana_jax.pipeline vs diffusers' SanaPipeline /
+    # SanaSprintPipeline and vs sana_torch_ref's sampling): DESIGN.md's "a whole 20-step sample <= 1e-4". The
+    # per-call model difference (<= 1e-5, tiny_fp32) is carried through every step and amplified by CFG 4.5.
+    "sample_fp32": 1e-4,
     # Fused Triton LiteLA (kernels/linear_attn/fused.py) vs its naive op, outputs and gradients. Both compute
     # in fp32 (the kernels' matmuls in 3xTF32, ~2^-21 per product) and differ by summation order: <= 1.7e-6
     # measured on H100 up to N = 16384 tokens, hence fp32 1e-5.
