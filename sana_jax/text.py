@@ -266,8 +266,10 @@ class Gemma2(nn.Module):
           attention_mask: [B, T] 1 keep / 0 pad (padding masks keys only); None keeps all. Positions are always
             0..T-1 (Gemma2Model.forward without position_ids), so pad on the right.
         Returns:
-          [B, T, C] last hidden state (after the final RMSNorm) in the compute dtype. Padded positions hold what
-          transformers computes there too: they attend to the valid keys their causal (and local) window allows.
+          [B, T, C] last hidden state (after the final RMSNorm) in the compute dtype. Valid positions never see
+          padding (right padding, causal attention). Padded positions hold what transformers computes there too:
+          they attend to the valid keys their causal (and, in local layers, windowed) mask allows, or uniformly to
+          all T keys where a local window holds no valid key.
         """
         cfg = self.config
         dtype = _dtype(cfg)
