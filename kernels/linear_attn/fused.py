@@ -251,12 +251,14 @@ def linear_attn_fwd(
     if B * H == 0 or N == 0:
         return o, h.new_zeros(h.shape[1:]), z.new_zeros(z.shape[1:])
     linear_attn_fwd_kernel_h[(NS, B * H)](
-        k, v, h, z, *_strides(k), *_strides(v), N, BS, H=H, D=D, BT=BT, BD=BD, IP=DOT_PRECISION, num_warps=NUM_WARPS
+        k, v, h, z, *_strides(k), *_strides(v), N, BS,
+        H=H, D=D, BT=BT, BD=BD, IP=DOT_PRECISION, num_warps=NUM_WARPS
     )
     # Deterministic reduction of the partial states (tiny: NS·B·H·BD·(BD+1) floats).
     h, z = (h.sum(0), z.sum(0)) if NS > 1 else (h[0], z[0])
     linear_attn_fwd_kernel_o[(triton.cdiv(N, BT), B * H)](
-        q, h, z, o, *_strides(q), N, eps, H=H, D=D, BT=BT, BD=BD, IP=DOT_PRECISION, num_warps=NUM_WARPS
+        q, h, z, o, *_strides(q), N, eps,
+        H=H, D=D, BT=BT, BD=BD, IP=DOT_PRECISION, num_warps=NUM_WARPS
     )
     return o, h, z
 
@@ -287,7 +289,8 @@ def linear_attn_bwd(
     )
     dh, dz = (dh.sum(0), dz.sum(0)) if NS > 1 else (dh[0], dz[0])
     linear_attn_bwd_kernel_dkv[(triton.cdiv(N, BT), B * H)](
-        k, v, dh, dz, dk, dv, *_strides(k), *_strides(v), N, H=H, D=D, BT=BT, BD=BD, IP=DOT_PRECISION, num_warps=NUM_WARPS
+        k, v, dh, dz, dk, dv, *_strides(k), *_strides(v), N,
+        H=H, D=D, BT=BT, BD=BD, IP=DOT_PRECISION, num_warps=NUM_WARPS
     )
     return dq, dk, dv
 
