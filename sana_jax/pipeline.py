@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -274,7 +274,8 @@ class SanaPipeline:
             from sana_jax import text
 
             encoder, encoder_params = text.load_gemma2(text_encoder)
-            prompt_encoder = gemma_prompt_encoder(encoder, encoder_params, text.load_tokenizer(tokenizer or text_encoder))
+            tok = text.load_tokenizer(tokenizer or text_encoder)
+            prompt_encoder = gemma_prompt_encoder(encoder, encoder_params, tok)
         return cls(model, params, prompt_encoder=prompt_encoder, decoder=decoder, mesh=mesh, data_axis=data_axis)
 
     def __call__(self, prompt: str | Sequence[str] | None = None, *, prompt_embeds=None, prompt_mask=None,
@@ -328,8 +329,9 @@ class SanaPipeline:
         if guidance == "cfg":
             y_null, mask_null = self._negative_embeddings(negative_prompt, negative_embeds, negative_mask, y, mask,
                                                           uncond_mask)
-        repeat = lambda a: None if a is None else jnp.repeat(a, num_images_per_prompt, axis=0)  # noqa: E731
-        y, mask, y_null, mask_null = repeat(y), repeat(mask), repeat(y_null), repeat(mask_null)
+        # Each prompt's copies consecutive, as diffusers' num_images_per_prompt.
+        y, mask, y_null, mask_null = (None if a is None else jnp.repeat(a, num_images_per_prompt, axis=0)
+                                      for a in (y, mask, y_null, mask_null))
         batch = y.shape[0]
         padded = batch if self.mesh is None else -(-batch // self.mesh.shape[self.data_axis]) * \
             self.mesh.shape[self.data_axis]
@@ -339,9 +341,9 @@ class SanaPipeline:
                                         step_noise)
         scale = jnp.full((padded,), guidance_scale, jnp.float32) if guidance == "embedded" else \
             jnp.float32(guidance_scale)
-        pad = lambda a, axis=0: None if a is None else _pad_batch(a, padded, axis)  # noqa: E731
-        args = (pad(noise), pad(step_noise, 1), pad(y), pad(mask), pad(y_null), pad(mask_null), scale)
-        args = self._shard(args)
+        args = (noise, step_noise, y, mask, y_null, mask_null)
+        args = tuple(None if a is None else _pad_batch(a, padded, axis=1 if a is step_noise else 0) for a in args)
+        args = self._shard((*args, scale))
         latents = _sample_latents(self.model, self.params, schedule, *args, method=method, guidance=guidance)
 
         images = None

@@ -6,9 +6,10 @@
 `[B]` float32 on the 0..1000 scale, and returns the flow velocity v = d x / d sigma (x_sigma = (1 - sigma) x0 +
 sigma * noise). Classifier-free or embedded guidance is the velocity function's business (see `pipeline`).
 
-The schedules are computed on the host (numpy, from static `steps` and `flow_shift`) and the loop is one
-`lax.scan` whose body calls `velocity_fn` once: `velocity_fn` is traced once whatever the step count, and
-`sample` can run inside `jax.jit`.
+The schedules are computed on the host (`make_schedule`: numpy, from static `steps` and `flow_shift`) and the loop
+(`run_schedule`) is one `lax.scan` whose body calls `velocity_fn` once: `velocity_fn` is traced once whatever the
+step count, and `sample` can run inside `jax.jit`. A jitted caller that passes the `Schedule` as an argument
+(as `pipeline` does) compiles once per method and step count, whatever the shift or timestep convention.
 
 Timestep conventions (`timestep_convention`): what `velocity_fn` receives. The sigma grids are the same in all
 three (computed as diffusers computes them; SANA's own fp32 grid arithmetic differs by <= 1.2e-7).
@@ -58,11 +59,11 @@ SIGMA_DATA = 0.5
 
 
 class Schedule(NamedTuple):
-    """A sampler's host-side schedule, all float32 numpy.
+    """A sampler's host-side schedule, all float32 numpy (`make_schedule`; a pytree, so it can be a jit argument).
 
     grid: [N+1] sigma grid (flow methods, last entry 0) or TrigFlow times s (scm, last entry 0).
     timesteps: [N] the value `velocity_fn` receives at step i (0..1000 scale, per the timestep convention).
-    coefficients: [N, K] per-step constants of the update (see the `_step_*` functions).
+    coefficients: [N, K] per-step constants of the update (see `make_schedule`).
     """
 
     grid: np.ndarray

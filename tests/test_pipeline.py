@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import sana_jax
-from sana_jax import configs, pipeline, sampling
+from sana_jax import configs, pipeline
 from tests.helpers import assert_close
 
 # SANA's own eps values (LiteLA 1e-8, cross q/k norm 1e-6; diffusers hard-codes 1e-15 and 1e-5): their effect on
@@ -76,7 +76,7 @@ def nhwc(x):
     return x.detach().float().numpy().transpose(0, 2, 3, 1)
 
 
-# --- resolution binning ------------------------------------------------------------------------------------------
+# --- resolution binning --------------------------------------------------------------------------------------------
 
 def test_aspect_ratio_tables_equal_diffusers():
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
@@ -123,7 +123,7 @@ def test_to_uint8_matches_diffusers_postprocess():
     np.testing.assert_array_equal(pipeline.to_uint8(images), np.round(ref * 255).astype(np.uint8))
 
 
-# --- end to end against diffusers' pipelines ---------------------------------------------------------------------
+# --- end to end against diffusers' pipelines -----------------------------------------------------------------------
 
 def test_cfg_matches_diffusers_sana_pipeline(tiny, captions):
     """diffusers convention: negative prompt's own mask, int64 DPM timesteps; 20 steps, CFG 4.5."""
@@ -133,8 +133,8 @@ def test_cfg_matches_diffusers_sana_pipeline(tiny, captions):
     c = captions
     y_null, mask_null = np.repeat(c["y_null"], B, 0), np.repeat(c["mask_null"], B, 0)
     scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
-    ref_pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=diffusers_transformer(TINY, params),
-                            scheduler=scheduler)
+    ref_pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None,
+                            transformer=diffusers_transformer(TINY, params), scheduler=scheduler)
     ref_pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ref = ref_pipe(prompt=None, negative_prompt=None, prompt_embeds=torch.from_numpy(c["y"]),
@@ -176,9 +176,11 @@ def test_sprint_matches_diffusers_sprint_pipeline(tiny_sprint, captions):
 
 # --- the CUDA inference path (sana_torch_ref) gives the same latents -----------------------------------------------
 
-@pytest.mark.parametrize("method,steps", [("flow_dpm_solver", 20), ("flow_euler", 6)])
-def test_torch_ref_path_matches(tiny, captions, tmp_path, method, steps):
-    """SANA's semantics on both stacks: cond mask for the uncond half, floor(t) timesteps; official weights."""
+@pytest.mark.parametrize("method,steps,guidance", [("flow_dpm_solver", 20, 4.5), ("flow_euler", 6, 4.5),
+                                                   ("flow_dpm_solver", 20, 1.0)])
+def test_torch_ref_path_matches(tiny, captions, tmp_path, method, steps, guidance):
+    """SANA's semantics on both stacks: cond mask for the uncond half, floor(t) timesteps; official weights.
+    guidance 1: no CFG pass (diffusers' rule, g > 1)."""
     from sana_conversion import export_official
     from sana_torch_ref import load_official, sampling as ref_sampling
 
@@ -188,12 +190,13 @@ def test_torch_ref_path_matches(tiny, captions, tmp_path, method, steps):
     ref_model = load_official(str(tmp_path / "tiny.safetensors"), TINY).eval()
     with torch.no_grad():
         velocity = ref_sampling.cfg_velocity(ref_model, torch.from_numpy(c["y"]), torch.from_numpy(c["mask"]),
-                                             torch.from_numpy(c["y_null"]), guidance_scale=4.5)
+                                             torch.from_numpy(c["y_null"]), guidance_scale=guidance)
         ref = ref_sampling.sample(velocity, nchw(c["noise"]), method=method, steps=steps, flow_shift=3.0)
+    negative = {"negative_embeds": c["y_null"]} if guidance > 1 else {}  # g <= 1 needs no null caption
     out = pipeline.SanaPipeline(model, params)(
-        prompt_embeds=c["y"], prompt_mask=c["mask"], negative_embeds=c["y_null"], height=HEIGHT, width=WIDTH,
-        resolution_binning=False, noise=c["noise"], method=method, steps=steps, flow_shift=3.0)
-    assert_close(f"sana_torch_ref {method} {steps} steps", nhwc(ref), out.latents, "sample_fp32")
+        prompt_embeds=c["y"], prompt_mask=c["mask"], height=HEIGHT, width=WIDTH, resolution_binning=False,
+        noise=c["noise"], method=method, steps=steps, flow_shift=3.0, guidance_scale=guidance, **negative)
+    assert_close(f"sana_torch_ref {method} {steps} steps g={guidance}", nhwc(ref), out.latents, "sample_fp32")
 
 
 def test_torch_ref_path_matches_sprint(tiny_sprint, captions, tmp_path):
@@ -262,7 +265,52 @@ def test_decoder_scaling_and_binning(tiny, captions):
     np.testing.assert_array_equal(out.images, expected)
 
 
-# --- data-parallel sharding on 8 simulated CPU devices ---------------------------------------------------------------
+def test_prompt_strings_go_through_the_prompt_encoder(tiny, captions):
+    """Prompts are encoded with negative=False, the negative prompt alone with negative=True (no CHI)."""
+    c = captions
+    calls = []
+
+    def encoder(prompts, *, negative=False):
+        calls.append((list(prompts), negative))
+        return (c["y_null"], c["mask_null"]) if negative else (c["y"][:len(prompts)], c["mask"][:len(prompts)])
+
+    pipe = pipeline.SanaPipeline(*tiny, prompt_encoder=encoder)
+    kw = dict(height=HEIGHT, width=WIDTH, resolution_binning=False)
+    by_text = pipe(["a cat", "a dog"], negative_prompt="blurry", **kw).latents
+    assert calls == [(["a cat", "a dog"], False), (["blurry"], True)]
+    by_embeds = pipe(prompt_embeds=c["y"], prompt_mask=c["mask"], negative_embeds=c["y_null"], **kw).latents
+    np.testing.assert_array_equal(by_text, by_embeds)
+
+
+def test_gemma_prompt_encoder_matches_sana_jax_text(tmp_path):
+    """CHI and select index for prompts, neither for the negative prompt (SANA and diffusers)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sana_jax import text
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(list(text.SANA_CHI) + ["a red fox"],
+                            trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    tokenizer = text.load_tokenizer(str(tmp_path))
+    encoder = text.Gemma2(text.TINY)
+    params = sana_jax.perturb_params(jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
+                                                            text.abstract_params(encoder)))
+    encode = pipeline.gemma_prompt_encoder(encoder, params, tokenizer, max_length=8)
+    for negative, prompts, chi in ((False, ["a red fox"], text.SANA_CHI), (True, [""], None)):
+        emb, mask = encode(prompts, negative=negative)
+        ref, ref_mask = text.encode_prompts(encoder, params, tokenizer, prompts, chi=chi, max_length=8)
+        assert emb.shape == (1, 8, text.TINY.hidden_size)
+        np.testing.assert_array_equal(emb, ref)
+        np.testing.assert_array_equal(mask, ref_mask)
+    assert int(encode([""], negative=True)[1].sum()) == 1  # "" -> BOS only
+
+
+# --- data-parallel sharding on 8 simulated CPU devices -------------------------------------------------------------
 
 SHARDING_SCRIPT = textwrap.dedent("""
     import json, sys
@@ -311,7 +359,7 @@ def test_batch_sharding_on_8_simulated_devices():
     assert report["rel"] <= 1e-5 and report["images_equal"]
 
 
-# --- the CLI ---------------------------------------------------------------------------------------------------------
+# --- the CLI -------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, tiny, captions):
@@ -392,7 +440,7 @@ def test_generate_cli_errors(tiny_checkpoint, tmp_path):
               "--prompt-embeds", str(tmp_path / "missing.safetensors")])
 
 
-# --- clear errors ------------------------------------------------------------------------------------------------------
+# --- clear errors --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"height": 100, "resolution_binning": False}, "multiples of 32"),

@@ -44,7 +44,7 @@ def noise():
     return np.random.default_rng(42).standard_normal((3, 6, 10, 4)).astype(np.float32)  # B=3, channels-last
 
 
-# --- SANA's own samplers (NVlabs/Sana 47777fb), from the golden trajectories -------------------------------------
+# --- SANA's own samplers (NVlabs/Sana 47777fb), from the golden trajectories ---------------------------------------
 
 @pytest.mark.parametrize("run", list(FIXTURE_RUNS))
 def test_original_trajectory(samplers_fixture, run):
@@ -88,7 +88,7 @@ def test_scm_timesteps_ignore_the_convention():
     assert (a != np.floor(a)).any()
 
 
-# --- diffusers 0.42.1 schedulers, step by step -------------------------------------------------------------------
+# --- diffusers 0.42.1 schedulers, step by step ---------------------------------------------------------------------
 
 def _run_diffusers(scheduler, timesteps, noise, on_step):
     x = torch.from_numpy(noise)
@@ -207,7 +207,7 @@ def test_trigflow_wrapper_matches_sprint_model_wrapper():
     assert_close("trigflow wrapper", ref, out, "tiny_fp32")
 
 
-# --- one compiled loop, jit, keys, errors ------------------------------------------------------------------------
+# --- one compiled loop, jit, keys, errors --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["flow_dpm_solver", "flow_euler", "scm"])
 def test_one_scan_traces_velocity_once_and_jits(noise, method):
@@ -227,9 +227,8 @@ def test_one_scan_traces_velocity_once_and_jits(noise, method):
 
 
 def test_scm_key_is_reproducible(noise):
-    a = sampling.sample(velocity_jax, noise, method="scm", steps=4, key=jax.random.key(3))
-    b = sampling.sample(velocity_jax, noise, method="scm", steps=4, key=jax.random.key(3))
-    c = sampling.sample(velocity_jax, noise, method="scm", steps=4, key=jax.random.key(4))
+    run = jax.jit(lambda key: sampling.sample(velocity_jax, noise, method="scm", steps=4, key=key))
+    a, b, c = run(jax.random.key(3)), run(jax.random.key(3)), run(jax.random.key(4))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
 
