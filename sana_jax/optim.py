@@ -1,0 +1,654 @@
+"""CAME and CAME-8bit as optax optimizers, with SANA's factoring rules on the JAX layouts of sana_jax params.
+
+CAME (Luo et al. 2023, arXiv 2307.02047) is Adafactor's factored second moment plus a confidence step: the
+first moment m is divided by a factored estimate of the instability (u - m)^2. SANA trains with it
+(`CAMEWrapper`, SANA-1.0) and with a variant whose first moment is stored in 8 bits (`CAME8BitWrapper`,
+SANA-1.5). Per parameter and step, all in fp32 (came_pytorch's `CAME.step`, no bias correction):
+
+    u = g^2 + eps1
+    factored:   v_row <- b2 v_row + (1-b2) mean_cols(u);  v_col <- b2 v_col + (1-b2) mean_rows(u)
+                u = rsqrt(v_row / mean(v_row)) * rsqrt(v_col) * g
+    unfactored: v <- b2 v + (1-b2) u;  u = rsqrt(v) * g
+    u = u / max(1, RMS(u) / clip_threshold)                  RMS over the whole (per-layer) tensor
+    m <- b1 m + (1-b1) u
+    factored:   s = (u - m)^2 + eps2;  r_row, r_col <- EMAs (b3) of its row / column means
+                direction = rsqrt(r_row / mean(r_row)) * rsqrt(r_col) * m
+    unfactored: direction = m                                no confidence step
+    p <- p - lr * wd * p - lr * direction                    `came` = scale_by_came + add_decayed_weights + lr
+
+"Rows" are always the output features, i.e. dim 0 of the torch weight: r_row / v_row are indexed by them.
+The factored update equals r_i c_j / mean(r) either way round, but the rounding (and SANA-8bit's blocks of
+rows) depend on which statistic is normalised, so the torch orientation is kept exactly.
+
+Which parameters are factored (`factorization`):
+- "sana" (default): SANA's `_get_options` on the JAX layouts of sana_jax (flax) params. A 2-D `kernel`
+  [in, out] is a Dense kernel (torch [out, in]: rows = axis 1); a 4-D kernel [1, 1, in, out] is a 1x1 conv
+  (HWIO; rows = axis 3); any other 2-D leaf (scale_shift_table [6, D], same layout as torch) has rows = axis 0.
+  Everything else (1-D, 3x3 / depthwise HWIO kernels, 3-D) is unfactored, with no confidence step.
+- "last_two": came_pytorch's rule, for tensors in torch layout: every tensor with >= 2 (per-layer) dims is
+  factored over its last two dims (rows = axis -2, columns = axis -1).
+
+Stacked layers (`stacked`): sana_jax scans its blocks, so every leaf under the top-level `blocks` key has a
+leading `layers` axis (model.py `_scanned_blocks`, logical axis name `layers`). Such a leaf is treated as
+`layers` separate parameters, as in SANA where each block owns its tensors: the factored means, the RMS clip
+and the 8-bit blocks never mix layers. Pass `stacked=` (a predicate on the leaf's path names) for other trees.
+
+CAME-8bit (`came_8bit`): only the first moment m of a "matrix" parameter (factored 2-D leaf or 1x1 conv under
+"sana"; 2-D or 4-D [O, I, 1, 1] under "last_two") with rows * cols > min_8bit_size (strict) is stored as uint8,
+in blocks of `block_size` ROWS (torch dim 0, per layer) with one min and one scale = (max - min) / 255 per
+block; q = round((m - min) / scale), m = q * scale + min. Each step dequantises m, updates it in fp32, uses the
+fp32 m for the rest of the step and stores the requantised m. Everything else (v, r statistics, other
+parameters' m) stays fp32, as in SANA's CAME8BitWrapper.
+
+State layout: every state leaf keeps its parameter's rank; a factored statistic has size 1 on the axis it
+reduces (keepdims), 8-bit block statistics have size 1 on every per-layer axis but the rows, which become the
+block count. Unused slots hold a (1,)-shaped placeholder, as optax's `FactoredState`. `state_axes` derives the
+sharding of every state leaf from its parameter's (an axis whose size changed is replicated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Literal, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+Array = jax.Array
+Factorization = Literal["sana", "last_two"]
+PathNames = tuple[str, ...]
+StackedFn = Callable[[PathNames], bool]
+
+_FACTORIZATIONS = ("sana", "last_two")
+_PLACEHOLDER_SHAPE = (1,)  # unused state slots, as optax's FactoredState
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which parameters are factored, stacked and 8-bit: a static layout per leaf.
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """How CAME treats one parameter leaf; every axis indexes the full JAX array (layer axes included).
+
+    layer_axes: number of leading stacked-layer axes (0 or 1); statistics are per layer.
+    row_axis: the axis of the torch weight's dim 0 (output features) when factored, else None.
+    col_axis: the other factored axis (torch dim 1 / input features), else None.
+    quant_axis: the torch dim-0 axis along which 8-bit blocks of rows run, for parameters whose kind can be
+      8-bit (SANA: Linear / 1x1 conv / other 2-D); None otherwise.
+    matrix_size: rows * cols per layer (what SANA compares with min_8bit_size); 0 where quant_axis is None.
+    """
+
+    layer_axes: int
+    row_axis: int | None = None
+    col_axis: int | None = None
+    quant_axis: int | None = None
+    matrix_size: int = 0
+
+    @property
+    def factored(self) -> bool:
+        return self.row_axis is not None
+
+
+def sana_stacked(names: PathNames) -> bool:
+    """sana_jax's scanned blocks: every leaf under the top-level `blocks` key has a leading `layers` axis."""
+    return len(names) > 1 and names[0] == "blocks"
+
+
+def _no_stacking(names: PathNames) -> bool:
+    del names
+    return False
+
+
+def _sana_layout(names: PathNames, shape: tuple[int, ...], lead: int) -> LeafLayout:
+    """SANA's `_get_options` and `_should_use_8bit` on flax layouts (Dense [in, out], conv HWIO)."""
+    per_layer = shape[lead:]
+    if len(per_layer) == 2 and names and names[-1] == "kernel":  # Dense kernel [in, out] = torch [out, in].T
+        return LeafLayout(lead, lead + 1, lead, lead + 1, per_layer[0] * per_layer[1])
+    if len(per_layer) == 2:  # e.g. scale_shift_table [6, D]: same layout as torch
+        return LeafLayout(lead, lead, lead + 1, lead, per_layer[0] * per_layer[1])
+    if len(per_layer) == 4 and per_layer[:2] == (1, 1):  # 1x1 conv HWIO [1, 1, in, out] = torch [out, in, 1, 1]
+        return LeafLayout(lead, lead + 3, lead + 2, lead + 3, per_layer[2] * per_layer[3])
+    return LeafLayout(lead)  # 1-D, 3x3 / depthwise convs, 3-D: full second moment, no confidence step
+
+
+def _last_two_layout(names: PathNames, shape: tuple[int, ...], lead: int) -> LeafLayout:
+    """came_pytorch's rule on torch layouts: factor every >= 2-D tensor over its last two dims."""
+    del names
+    per_layer = shape[lead:]
+    if len(per_layer) < 2:
+        return LeafLayout(lead)
+    ndim = len(shape)
+    # SANA's 8-bit rule on torch layouts: 2-D, or 4-D [O, I, 1, 1]; blocks of rows along dim 0.
+    is_matrix = len(per_layer) == 2 or (len(per_layer) == 4 and per_layer[2:] == (1, 1))
+    quant_axis = lead if is_matrix else None
+    size = per_layer[0] * per_layer[1] if is_matrix else 0
+    return LeafLayout(lead, ndim - 2, ndim - 1, quant_axis, size)
+
+
+def _path_names(path) -> PathNames:
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+def _resolve_stacked(factorization: str, stacked: StackedFn | None) -> StackedFn:
+    if stacked is not None:
+        return stacked
+    return sana_stacked if factorization == "sana" else _no_stacking
+
+
+def leaf_layout(names: PathNames, shape: Sequence[int], factorization: Factorization = "sana",
+                stacked: StackedFn | None = None) -> LeafLayout:
+    """The layout of one leaf from its path names (e.g. ("blocks", "attn", "qkv", "kernel")) and shape."""
+    _check_factorization(factorization)
+    shape = tuple(int(d) for d in shape)
+    lead = 1 if _resolve_stacked(factorization, stacked)(names) else 0
+    if lead > len(shape):
+        raise ValueError(f"parameter {'/'.join(names)} of shape {shape} is marked stacked but has no layer axis")
+    rule = _sana_layout if factorization == "sana" else _last_two_layout
+    return rule(names, shape, lead)
+
+
+def leaf_layouts(params, factorization: Factorization = "sana", stacked: StackedFn | None = None):
+    """A tree like `params` of LeafLayout (works on arrays or ShapeDtypeStructs, e.g. `abstract_params`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: leaf_layout(_path_names(path), p.shape, factorization, stacked), params)
+
+
+def _uses_8bit(layout: LeafLayout, min_8bit_size: int) -> bool:
+    return layout.quant_axis is not None and layout.matrix_size > min_8bit_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block-wise 8-bit storage of a tensor: blocks of `block_size` rows along the quant axis, per layer.
+
+
+def _num_blocks(rows: int, block_size: int) -> int:
+    return -(-rows // block_size)
+
+
+def _block_stat_shape(shape: tuple[int, ...], layout: LeafLayout, block_size: int) -> tuple[int, ...]:
+    """[*layers, 1.., n_blocks (at the quant axis), 1..]: rank kept so shardings can be derived per axis."""
+    out = [1] * len(shape)
+    out[:layout.layer_axes] = shape[:layout.layer_axes]
+    out[layout.quant_axis] = _num_blocks(shape[layout.quant_axis], block_size)
+    return tuple(out)
+
+
+def _block_reduce(x: Array, layout: LeafLayout, block_size: int, reduce) -> Array:
+    """min or max of every block of rows of x (per layer), in the shape of `_block_stat_shape`."""
+    axis, lead = layout.quant_axis, layout.layer_axes
+    rows = x.shape[axis]
+    n_blocks = _num_blocks(rows, block_size)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n_blocks * block_size - rows)
+    # Edge padding repeats the last row, which belongs to the ragged last block: its min/max do not change.
+    blocked = jnp.pad(x, pad, mode="edge")
+    blocked = blocked.reshape(x.shape[:axis] + (n_blocks, block_size) + x.shape[axis + 1:])
+    per_layer = [a for a in range(lead, blocked.ndim) if a != axis]  # everything but layers and the block index
+    return reduce(blocked, axis=tuple(per_layer)).reshape(_block_stat_shape(x.shape, layout, block_size))
+
+
+def _rows_of_blocks(stat: Array, rows: int, layout: LeafLayout, block_size: int) -> Array:
+    """Broadcast a per-block statistic back to one value per row (size `rows` at the quant axis)."""
+    repeated = jnp.repeat(stat, block_size, axis=layout.quant_axis)
+    return jax.lax.slice_in_dim(repeated, 0, rows, axis=layout.quant_axis)
+
+
+def quantize_blocks(x: Array, layout: LeafLayout, block_size: int) -> tuple[Array, Array, Array]:
+    """fp32 x -> (uint8 q like x, block min, block scale) as SANA's `_quantize_state`.
+
+    scale = (max - min) / 255, q = round_half_even((x - min) / scale). An all-equal block has scale 0; its q is 0
+    (SANA divides 0/0 there and casts the NaN to 0), so it dequantises exactly to min, without a NaN.
+    """
+    rows = x.shape[layout.quant_axis]
+    block_min = _block_reduce(x, layout, block_size, jnp.min)
+    block_max = _block_reduce(x, layout, block_size, jnp.max)
+    scale = (block_max - block_min) / 255.0
+    row_min = _rows_of_blocks(block_min, rows, layout, block_size)
+    row_scale = _rows_of_blocks(scale, rows, layout, block_size)
+    nonzero = row_scale > 0
+    q = jnp.where(nonzero, (x - row_min) / jnp.where(nonzero, row_scale, 1.0), 0.0)
+    q = jnp.clip(jnp.round(q), 0, 255).astype(jnp.uint8)
+    return q, block_min, scale
+
+
+def dequantize_blocks(q: Array, block_min: Array, scale: Array, layout: LeafLayout, block_size: int) -> Array:
+    """q * scale + min per block, in fp32 (SANA's `_dequantize_state`)."""
+    rows = q.shape[layout.quant_axis]
+    row_scale = _rows_of_blocks(scale, rows, layout, block_size)
+    row_min = _rows_of_blocks(block_min, rows, layout, block_size)
+    return q.astype(jnp.float32) * row_scale + row_min
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# States.
+
+
+class ScaleByCameState(NamedTuple):
+    """State of `scale_by_came`; every field but count is a tree like the params (fp32 leaves).
+
+    mu: first moment m, param shape. v_row / v_col: factored second moment (param shape with the column /
+    row axis of size 1), v: unfactored second moment (param shape). r_row / r_col: factored instability
+    (like v_row / v_col). Unused slots are (1,) placeholders.
+    """
+
+    count: Array  # int32 []
+    mu: Any
+    v_row: Any
+    v_col: Any
+    v: Any
+    r_row: Any
+    r_col: Any
+
+
+class ScaleByCame8bitState(NamedTuple):
+    """State of `scale_by_came_8bit`: as ScaleByCameState, with mu uint8 where the parameter is 8-bit.
+
+    mu_min / mu_scale: fp32 per block of rows ([*layers, 1.., n_blocks, 1..]), (1,) placeholders elsewhere.
+    """
+
+    count: Array  # int32 []
+    mu: Any
+    mu_min: Any
+    mu_scale: Any
+    v_row: Any
+    v_col: Any
+    v: Any
+    r_row: Any
+    r_col: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hyper:
+    """Numeric hyperparameters (Python floats, or arrays under optax.inject_hyperparams)."""
+
+    b1: Any
+    b2: Any
+    b3: Any
+    eps1: Any
+    eps2: Any
+    clip_threshold: Any
+
+
+def _zeros_like_keepdims(param, axis: int) -> Array:
+    """fp32 zeros shaped like `param` with `axis` of size 1, with the sharding a keepdims sum would have
+    (optax's `_zeros_like_no_axis` trick, so explicit-sharding meshes place the state with its parameter)."""
+    target = jax.eval_shape(lambda x: jnp.sum(x, axis=axis, keepdims=True), param)
+    return jnp.zeros_like(target, dtype=jnp.float32)
+
+
+def _placeholder() -> Array:
+    return jnp.zeros(_PLACEHOLDER_SHAPE, jnp.float32)
+
+
+def _init_stats(param, layout: LeafLayout) -> tuple[Array, Array, Array, Array, Array]:
+    """(v_row, v_col, v, r_row, r_col) zeros for one leaf."""
+    if layout.factored:
+        row = _zeros_like_keepdims(param, layout.col_axis)  # indexed by rows: the column axis is reduced
+        col = _zeros_like_keepdims(param, layout.row_axis)
+        return row, col, _placeholder(), row, col
+    return _placeholder(), _placeholder(), jnp.zeros_like(param, dtype=jnp.float32), _placeholder(), _placeholder()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The per-leaf CAME step.
+
+
+def _ema(decay, state: Array, value: Array) -> Array:
+    # Written value-first: XLA then fuses it to fma(value, 1 - decay, decay * state), which is exactly torch's
+    # `state.mul_(decay).add_(value, alpha=1 - decay)` on CPU, so the 8-bit rounding decisions agree with SANA's.
+    return (1.0 - decay) * value + decay * state
+
+
+def _factored_rsqrt(row: Array, col: Array, row_axis: int) -> Array:
+    """came_pytorch's `_approx_sq_grad`: rsqrt(row / mean(row)) (rows) times rsqrt(col) (columns)."""
+    return jax.lax.rsqrt(row / jnp.mean(row, axis=row_axis, keepdims=True)) * jax.lax.rsqrt(col)
+
+
+def _per_layer_rms(x: Array, layer_axes: int) -> Array:
+    """||x||_2 / sqrt(numel) over each layer's slice (keepdims), as came_pytorch's `_rms` per tensor."""
+    axes = tuple(range(layer_axes, x.ndim))
+    numel = math.prod(x.shape[layer_axes:])
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True)) / math.sqrt(numel)
+
+
+def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout, hp: _Hyper):
+    """One CAME step for one leaf: (direction, new fp32 mu, new (v_row, v_col, v, r_row, r_col))."""
+    v_row, v_col, v, r_row, r_col = stats
+    g = g.astype(jnp.float32)
+    u = jnp.square(g) + hp.eps1
+    if layout.factored:
+        v_row = _ema(hp.b2, v_row, jnp.mean(u, axis=layout.col_axis, keepdims=True))
+        v_col = _ema(hp.b2, v_col, jnp.mean(u, axis=layout.row_axis, keepdims=True))
+        u = _factored_rsqrt(v_row, v_col, layout.row_axis) * g
+    else:
+        v = _ema(hp.b2, v, u)
+        u = jax.lax.rsqrt(v) * g
+    u = u / jnp.maximum(_per_layer_rms(u, layout.layer_axes) / hp.clip_threshold, 1.0)
+    mu = _ema(hp.b1, mu, u)
+    if layout.factored:
+        res = jnp.square(u - mu) + hp.eps2  # instability, with the fp32 m of this step (also under 8-bit)
+        r_row = _ema(hp.b3, r_row, jnp.mean(res, axis=layout.col_axis, keepdims=True))
+        r_col = _ema(hp.b3, r_col, jnp.mean(res, axis=layout.row_axis, keepdims=True))
+        direction = _factored_rsqrt(r_row, r_col, layout.row_axis) * mu
+    else:
+        direction = mu  # no confidence step for unfactored parameters (came_pytorch and SANA)
+    return direction, mu, (v_row, v_col, v, r_row, r_col)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks (skipped for traced values, e.g. hyperparameters injected by optax.inject_hyperparams).
+
+
+def _concrete_float(value) -> float | None:
+    try:
+        return float(value)
+    except TypeError:  # includes jax.errors.ConcretizationTypeError for traced hyperparameters
+        return None
+
+
+def _check_range(name: str, value, low: float, high: float | None, high_open: bool = True) -> None:
+    x = _concrete_float(value)
+    if x is None:
+        return
+    too_high = high is not None and (x >= high if high_open else x > high)
+    if not x >= low or too_high:  # `not x >= low` also rejects NaN
+        bound = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+        raise ValueError(f"{name} must be in [{low}, {bound}, got {value!r}")
+
+
+def _check_factorization(factorization) -> None:
+    if factorization not in _FACTORIZATIONS:
+        raise ValueError(f"factorization must be one of {_FACTORIZATIONS}, got {factorization!r}")
+
+
+def _check_eps(eps) -> tuple[Any, Any]:
+    try:
+        arity = len(eps)
+    except TypeError:
+        arity = None
+    if arity != 2:
+        raise ValueError(f"eps must be a pair (eps1 for g^2, eps2 for the instability), got {eps!r}")
+    _check_range("eps[0]", eps[0], 0.0, None)
+    _check_range("eps[1]", eps[1], 0.0, None)
+    return eps[0], eps[1]
+
+
+def _check_hyper(b1, b2, b3, eps, clip_threshold) -> _Hyper:
+    for name, beta in (("b1", b1), ("b2", b2), ("b3", b3)):
+        _check_range(name, beta, 0.0, 1.0)
+    eps1, eps2 = _check_eps(eps)
+    x = _concrete_float(clip_threshold)
+    if x is not None and not x > 0:
+        raise ValueError(f"clip_threshold must be > 0, got {clip_threshold!r}")
+    return _Hyper(b1, b2, b3, eps1, eps2, clip_threshold)
+
+
+def _static_int(name: str, value, minimum: int) -> int:
+    """Block size and min size set array shapes, so they must be concrete ints (not injected arrays)."""
+    try:
+        as_int = int(value)
+    except TypeError:
+        raise ValueError(f"{name} sets array shapes and must be a Python int, got a traced {value!r}; under "
+                         f"optax.inject_hyperparams pass static_args=('block_size', 'min_8bit_size')") from None
+    if as_int != value or as_int < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return as_int
+
+
+def _check_learning_rate(learning_rate) -> None:
+    if callable(learning_rate):
+        return  # a schedule: checked by nobody, as in optax
+    _check_range("learning_rate", learning_rate, 0.0, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient transformations.
+
+
+def _flatten(tree) -> tuple[list[PathNames], list, Any]:
+    """(path names, leaves, treedef) of a params-like tree."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [_path_names(path) for path, _ in with_path], [leaf for _, leaf in with_path], treedef
+
+
+def _unzip(treedef, per_leaf: list[tuple], n: int) -> list:
+    """Per-leaf n-tuples -> n trees shaped by treedef."""
+    return [treedef.unflatten([t[i] for t in per_leaf]) for i in range(n)]
+
+
+def scale_by_came(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    eps: tuple[float, float] = (1e-30, 1e-16),
+    clip_threshold: float = 1.0,
+    factorization: Factorization = "sana",
+    stacked: StackedFn | None = None,
+) -> optax.GradientTransformation:
+    """CAME's update direction (before learning rate and weight decay), state `ScaleByCameState`.
+
+    Args:
+      b1: first-moment decay (m). Default 0.9.
+      b2: second-moment decay (v). Default 0.999.
+      b3: instability decay (r, the confidence step). Default 0.9999.
+      eps: (eps1 added to g^2, eps2 added to the instability). Default (1e-30, 1e-16).
+      clip_threshold: the update u is divided by max(1, RMS(u) / clip_threshold), per tensor. Default 1.0.
+      factorization: "sana" (flax layouts, SANA's rules) or "last_two" (torch layouts, came_pytorch's rule).
+      stacked: predicate on a leaf's path names: True if the leaf has a leading stacked-layer axis. Default:
+        top-level `blocks` for "sana" (sana_jax's nn.scan), nothing for "last_two".
+    Returns:
+      An optax.GradientTransformation; updates have the gradients' dtype, states are fp32.
+    """
+    hp = _check_hyper(b1, b2, b3, eps, clip_threshold)
+    _check_factorization(factorization)
+
+    def init_fn(params):
+        names, leaves, treedef = _flatten(params)
+        layouts = [leaf_layout(n, p.shape, factorization, stacked) for n, p in zip(names, leaves)]
+        mu = [jnp.zeros_like(p, dtype=jnp.float32) for p in leaves]
+        stats = [_init_stats(p, layout) for p, layout in zip(leaves, layouts)]
+        return ScaleByCameState(jnp.zeros([], jnp.int32), treedef.unflatten(mu), *_unzip(treedef, stats, 5))
+
+    def update_fn(updates, state, params=None):
+        del params
+        names, grads, treedef = _flatten(updates)
+        fields = [treedef.flatten_up_to(tree) for tree in state[1:]]
+        out = []
+        for name, g, mu, *stats in zip(names, grads, *fields):
+            layout = leaf_layout(name, g.shape, factorization, stacked)
+            direction, mu, stats = _came_leaf(g, mu, tuple(stats), layout, hp)
+            out.append((direction.astype(g.dtype), mu, *stats))
+        new = _unzip(treedef, out, 7)
+        return new[0], ScaleByCameState(optax.safe_increment(state.count), *new[1:])
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_came_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    eps: tuple[float, float] = (1e-30, 1e-16),
+    clip_threshold: float = 1.0,
+    factorization: Factorization = "sana",
+    stacked: StackedFn | None = None,
+    block_size: int = 2048,
+    min_8bit_size: int = 16384,
+) -> optax.GradientTransformation:
+    """`scale_by_came` with SANA-1.5's 8-bit first moment (CAME8BitWrapper), state `ScaleByCame8bitState`.
+
+    Args (beyond scale_by_came's):
+      block_size: rows (torch dim 0, output features) per quantisation block. Default 2048 (SANA).
+      min_8bit_size: matrix parameters with rows * cols > this (strict) keep m in uint8. Default 16384 (SANA).
+    """
+    hp = _check_hyper(b1, b2, b3, eps, clip_threshold)
+    _check_factorization(factorization)
+    block_size = _static_int("block_size", block_size, 1)
+    min_8bit_size = _static_int("min_8bit_size", min_8bit_size, 0)
+
+    def init_mu(param, layout):
+        if not _uses_8bit(layout, min_8bit_size):
+            return jnp.zeros_like(param, dtype=jnp.float32), _placeholder(), _placeholder()
+        stat_shape = _block_stat_shape(tuple(param.shape), layout, block_size)
+        return (jnp.zeros_like(param, dtype=jnp.uint8), jnp.zeros(stat_shape, jnp.float32),
+                jnp.zeros(stat_shape, jnp.float32))
+
+    def init_fn(params):
+        names, leaves, treedef = _flatten(params)
+        layouts = [leaf_layout(n, p.shape, factorization, stacked) for n, p in zip(names, leaves)]
+        mus = [init_mu(p, layout) for p, layout in zip(leaves, layouts)]
+        stats = [_init_stats(p, layout) for p, layout in zip(leaves, layouts)]
+        return ScaleByCame8bitState(jnp.zeros([], jnp.int32), *_unzip(treedef, mus, 3), *_unzip(treedef, stats, 5))
+
+    def update_fn(updates, state, params=None):
+        del params
+        names, grads, treedef = _flatten(updates)
+        fields = [treedef.flatten_up_to(tree) for tree in state[1:]]
+        out = []
+        for name, g, mu, mu_min, mu_scale, *stats in zip(names, grads, *fields):
+            layout = leaf_layout(name, g.shape, factorization, stacked)
+            quantized = _uses_8bit(layout, min_8bit_size)
+            if quantized:
+                mu = dequantize_blocks(mu, mu_min, mu_scale, layout, block_size)
+            direction, mu, stats = _came_leaf(g, mu, tuple(stats), layout, hp)
+            if quantized:
+                mu, mu_min, mu_scale = quantize_blocks(mu, layout, block_size)
+            out.append((direction.astype(g.dtype), mu, mu_min, mu_scale, *stats))
+        new = _unzip(treedef, out, 9)
+        return new[0], ScaleByCame8bitState(optax.safe_increment(state.count), *new[1:])
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _with_lr_and_decay(direction: optax.GradientTransformation, learning_rate, weight_decay, mask):
+    _check_learning_rate(learning_rate)
+    _check_range("weight_decay", weight_decay, 0.0, None)
+    # p <- p - lr * (direction + wd * p): SANA's decoupled decay p(1 - lr wd), applied to every param unless masked.
+    return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
+def came(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    eps: tuple[float, float] = (1e-30, 1e-16),
+    clip_threshold: float = 1.0,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    factorization: Factorization = "sana",
+    stacked: StackedFn | None = None,
+) -> optax.GradientTransformation:
+    """CAME as SANA trains with it: p <- p - lr * wd * p - lr * direction (see the module docstring).
+
+    Args:
+      learning_rate: a float >= 0 or an optax schedule (SANA-1.0: 1e-4, SANA-1.5: 2e-5).
+      b1, b2, b3, eps, clip_threshold, factorization, stacked: as `scale_by_came`.
+      weight_decay: decoupled weight decay, scaled by the learning rate. Default 0.0 (SANA's configs).
+      mask: optax mask (tree of bools or a callable on params) of the leaves that weight decay applies to.
+    Returns:
+      optax.chain(scale_by_came, add_decayed_weights, scale_by_learning_rate).
+    """
+    direction = scale_by_came(b1, b2, b3, eps, clip_threshold, factorization, stacked)
+    return _with_lr_and_decay(direction, learning_rate, weight_decay, mask)
+
+
+def came_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    eps: tuple[float, float] = (1e-30, 1e-16),
+    clip_threshold: float = 1.0,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    factorization: Factorization = "sana",
+    stacked: StackedFn | None = None,
+    block_size: int = 2048,
+    min_8bit_size: int = 16384,
+) -> optax.GradientTransformation:
+    """CAME-8bit as SANA-1.5 trains with it (CAME8BitWrapper): `came` with a block-wise uint8 first moment.
+
+    Args: as `came`, plus block_size (rows per block, default 2048) and min_8bit_size (8-bit where rows * cols
+    > it, default 16384). Under optax.inject_hyperparams pass static_args=("block_size", "min_8bit_size").
+    """
+    direction = scale_by_came_8bit(b1, b2, b3, eps, clip_threshold, factorization, stacked, block_size,
+                                   min_8bit_size)
+    return _with_lr_and_decay(direction, learning_rate, weight_decay, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharding of optimizer states.
+
+
+def _is_spec(x) -> bool:
+    return x is None or isinstance(x, PartitionSpec)
+
+
+def _state_leaf_spec(state_shape: tuple[int, ...], param_shape: tuple[int, ...], spec) -> PartitionSpec:
+    """The param's spec on every axis where the state leaf has the param's size; replicated elsewhere."""
+    if spec is None or len(state_shape) != len(param_shape):
+        return PartitionSpec()
+    names = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+    return PartitionSpec(*(n if s == p else None for n, s, p in zip(names, state_shape, param_shape)))
+
+
+def state_axes(tx: optax.GradientTransformation, params, param_axes):
+    """PartitionSpecs for every leaf of `tx.init(params)`, derived from the params' specs.
+
+    Works for any optax state whose per-parameter leaves keep the parameter's rank (CAME, CAME-8bit, AdamW,
+    MultiSteps accumulators, inside chain / inject_hyperparams): every subtree of the state shaped like `params`
+    gets, per leaf and axis, the parameter's entry where the sizes match and None (replicated) where the state
+    reduced the axis (factored statistics, 8-bit block statistics); all other leaves (counts, hyperparameters,
+    placeholders) are replicated.
+
+    Args:
+      tx: the optimizer.
+      params: the params tree (arrays or ShapeDtypeStructs, e.g. `sana_jax.abstract_params(model)`).
+      param_axes: a tree like params of PartitionSpec (logical names from `sana_jax.logical_axes`, or mesh
+        axes); None leaves mean replicated.
+    Returns:
+      A tree like `jax.eval_shape(tx.init, params)` of PartitionSpec, in the same naming as param_axes (map
+      logical names to the mesh with `flax.linen.logical_to_mesh_sharding`).
+    """
+    abstract = jax.eval_shape(tx.init, params)
+    treedef = jax.tree.structure(params)
+    param_leaves = treedef.flatten_up_to(params)
+    spec_leaves = treedef.flatten_up_to(param_axes)
+    for spec in spec_leaves:
+        if not _is_spec(spec):
+            raise ValueError(f"param_axes leaves must be PartitionSpec or None, got {spec!r}")
+
+    def mirrors_params(node) -> bool:
+        return jax.tree.structure(node) == treedef
+
+    def specs_for(node):
+        if not mirrors_params(node):
+            return PartitionSpec()
+        leaves = treedef.flatten_up_to(node)
+        return treedef.unflatten([_state_leaf_spec(tuple(s.shape), tuple(p.shape), spec)
+                                  for s, p, spec in zip(leaves, param_leaves, spec_leaves)])
+
+    return jax.tree.map(specs_for, abstract, is_leaf=mirrors_params)
+
+
+__all__ = [
+    "LeafLayout", "ScaleByCameState", "ScaleByCame8bitState", "came", "came_8bit", "dequantize_blocks",
+    "leaf_layout", "leaf_layouts", "quantize_blocks", "sana_stacked", "scale_by_came", "scale_by_came_8bit",
+    "state_axes",
+]
