@@ -369,12 +369,17 @@ def tiny_checkpoint(tmp_path_factory, tiny, captions):
 
     folder = tmp_path_factory.mktemp("generate")
     export_official(TINY, tiny[1], str(folder / "tiny.safetensors"))
-    save_file({"prompt_embeds": captions["y"], "prompt_mask": captions["mask"].astype(np.int32),
-               "negative_embeds": captions["y_null"]}, str(folder / "embeds.safetensors"))
+    # Three prompts: the third is the first with a longer mask, so chunking by 2 pads the last call.
+    y = np.concatenate([captions["y"], captions["y"][:1]])
+    mask = np.concatenate([captions["mask"], captions["mask"][1:]]).astype(np.int32)
+    save_file({"prompt_embeds": y, "prompt_mask": mask, "negative_embeds": captions["y_null"]},
+              str(folder / "embeds.safetensors"))
     return folder
 
 
-def test_generate_cli_writes_latents_without_vae(tiny_checkpoint, tiny, captions, tmp_path, capsys):
+@pytest.mark.parametrize("per_prompt,batch_size", [(2, 2), (1, 2)])
+def test_generate_cli_writes_latents_without_vae(tiny_checkpoint, tiny, tmp_path, capsys, per_prompt, batch_size):
+    """Chunked calls (image_offset; the last chunk padded to the same shape) equal direct pipeline calls."""
     from safetensors.numpy import load_file
 
     from sana_jax.cli import main
@@ -382,20 +387,23 @@ def test_generate_cli_writes_latents_without_vae(tiny_checkpoint, tiny, captions
     folder = tiny_checkpoint
     code = main(["generate", "--checkpoint", str(folder / "tiny.safetensors"), "--config", "tiny",
                  "--prompt-embeds", str(folder / "embeds.safetensors"), "--height", str(HEIGHT), "--width",
-                 str(WIDTH), "--no-binning", "--seed", "1", "--num-images-per-prompt", "2", "--batch-size", "2",
-                 "--out", str(tmp_path)])
+                 str(WIDTH), "--no-binning", "--seed", "1", "--num-images-per-prompt", str(per_prompt),
+                 "--batch-size", str(batch_size), "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == 0
     assert "images need --vae" in captured.err
     latents = load_file(str(tmp_path / "latents.safetensors"))["latents"]
-    assert latents.shape == (2 * B, *LATENT, TINY.in_channels)
-    # --batch-size 2: one prompt (two copies) per call, image_offset 0 then 2.
+    assert latents.shape == (3 * per_prompt, *LATENT, TINY.in_channels)
+    embeds = load_file(str(folder / "embeds.safetensors"))
     pipe = pipeline.SanaPipeline(*tiny)
-    for i in range(B):
-        out = pipe(prompt_embeds=captions["y"][i:i + 1], prompt_mask=captions["mask"][i:i + 1],
-                   negative_embeds=captions["y_null"], height=HEIGHT, width=WIDTH, resolution_binning=False, seed=1,
-                   num_images_per_prompt=2, image_offset=2 * i)
-        np.testing.assert_array_equal(out.latents, latents[2 * i:2 * i + 2])
+    prompts_per_call = batch_size // per_prompt
+    for start in range(0, 3, prompts_per_call):
+        index = np.minimum(np.arange(start, start + prompts_per_call), 2)
+        out = pipe(prompt_embeds=embeds["prompt_embeds"][index], prompt_mask=embeds["prompt_mask"][index],
+                   negative_embeds=embeds["negative_embeds"], height=HEIGHT, width=WIDTH, resolution_binning=False,
+                   seed=1, num_images_per_prompt=per_prompt, image_offset=start * per_prompt)
+        got = latents[start * per_prompt:(start + prompts_per_call) * per_prompt]
+        np.testing.assert_array_equal(out.latents[:len(got)], got)
 
 
 def test_generate_cli_writes_pngs_and_grid_with_vae(tiny_checkpoint, tmp_path):
@@ -420,14 +428,15 @@ def test_generate_cli_writes_pngs_and_grid_with_vae(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     code = main(["generate", "--checkpoint", str(tiny_checkpoint / "tiny.safetensors"), "--config", "tiny",
                  "--prompt-embeds", str(tiny_checkpoint / "embeds.safetensors"), "--vae", str(vae_dir),
-                 "--height", str(LATENT[0] * f), "--width", str(LATENT[1] * f), "--no-binning", "--out", str(out)])
+                 "--height", str(LATENT[0] * f), "--width", str(LATENT[1] * f), "--no-binning", "--batch-size", "2",
+                 "--out", str(out)])
     assert code == 0
-    for name in ("0000.png", "0001.png", "grid.png", "latents.safetensors"):
+    for name in ("0000.png", "0001.png", "0002.png", "grid.png", "latents.safetensors"):
         assert (out / name).exists(), name
-    latents = load_file(str(out / "latents.safetensors"))["latents"]
+    latents = load_file(str(out / "latents.safetensors"))["latents"][:2]
     decoded = pipeline.to_uint8(pipeline.dcae_decoder(vae, vae_params)(latents / vae_cfg.scaling_factor))
     np.testing.assert_array_equal(np.asarray(Image.open(out / "0001.png")), decoded[1])
-    assert Image.open(out / "grid.png").size == (2 * LATENT[1] * f + 2, LATENT[0] * f)
+    assert Image.open(out / "grid.png").size == (2 * LATENT[1] * f + 2, 2 * LATENT[0] * f + 2)  # 2 x 2 grid
 
 
 def test_generate_cli_errors(tiny_checkpoint, tmp_path):
@@ -435,6 +444,9 @@ def test_generate_cli_errors(tiny_checkpoint, tmp_path):
 
     with pytest.raises(SystemExit, match="--prompt needs --text-encoder"):
         main(["generate", "--checkpoint", str(tiny_checkpoint / "tiny.safetensors"), "--prompt", "a cat"])
+    with pytest.raises(SystemExit, match="pass --no-binning"):  # tiny's sample_size has no bin table
+        main(["generate", "--checkpoint", str(tiny_checkpoint / "tiny.safetensors"), "--config", "tiny",
+              "--prompt-embeds", str(tiny_checkpoint / "embeds.safetensors"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="no such file"):
         main(["generate", "--checkpoint", str(tiny_checkpoint / "tiny.safetensors"), "--config", "tiny",
               "--prompt-embeds", str(tmp_path / "missing.safetensors")])

@@ -110,25 +110,32 @@ def run_generate(args) -> int:
     total = num_prompts * args.num_images_per_prompt
     with tqdm(total=total, desc="generating (the first batch compiles)", unit="img", file=sys.stderr) as bar:
         for start in range(0, num_prompts, per_call):
-            chunk = slice(start, min(start + per_call, num_prompts))
+            # Every call gets per_call prompts (the last chunk repeats its last prompt, whose extra images are
+            # dropped), so all calls share one compiled program.
+            index = np.minimum(np.arange(start, start + per_call), num_prompts - 1)
+            keep = min(per_call, num_prompts - start) * args.num_images_per_prompt
             if embeds is None:
-                inputs = {"prompt": args.prompt[chunk], "negative_prompt": args.negative_prompt}
+                inputs = {"prompt": [args.prompt[i] for i in index], "negative_prompt": args.negative_prompt}
             else:
-                inputs = {k: v[chunk] for k, v in embeds.items() if k in ("prompt_embeds", "prompt_mask")}
+                inputs = {k: v[index] for k, v in embeds.items() if k in ("prompt_embeds", "prompt_mask")}
                 for key in ("negative_embeds", "negative_mask"):
                     if key in embeds:
                         value = embeds[key]
-                        inputs[key] = value if value.shape[0] == 1 else value[chunk]
-            out = pipe(**inputs, height=args.height, width=args.width, resolution_binning=not args.no_binning,
-                       num_images_per_prompt=args.num_images_per_prompt, seed=args.seed,
-                       image_offset=start * args.num_images_per_prompt, method=args.method, steps=args.steps,
-                       guidance_scale=args.guidance, flow_shift=args.flow_shift,
-                       timestep_convention=args.timestep_convention, uncond_mask=args.uncond_mask)
-            latents.append(np.asarray(out.latents))
+                        inputs[key] = value if value.shape[0] == 1 else value[index]
+            try:
+                out = pipe(**inputs, height=args.height, width=args.width, resolution_binning=not args.no_binning,
+                           num_images_per_prompt=args.num_images_per_prompt, seed=args.seed,
+                           image_offset=start * args.num_images_per_prompt, method=args.method, steps=args.steps,
+                           guidance_scale=args.guidance, flow_shift=args.flow_shift,
+                           timestep_convention=args.timestep_convention, uncond_mask=args.uncond_mask)
+            except ValueError as e:  # the pipeline's argument errors, in the CLI's words
+                message = str(e).replace("resolution_binning=False", "--no-binning")
+                raise SystemExit(f"sana-jax generate: {message}") from None
+            latents.append(np.asarray(out.latents)[:keep])
             if out.images is not None:
-                images.append(out.images)
+                images.append(out.images[:keep])
             bar.set_postfix_str(f"{out.size[0]}x{out.size[1]} px")
-            bar.update(out.latents.shape[0])
+            bar.update(keep)
 
     latents = np.concatenate(latents)
     save_file({"latents": latents}, os.path.join(args.out, "latents.safetensors"),
