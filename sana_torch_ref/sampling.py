@@ -3,7 +3,7 @@
 The same methods, defaults and timestep conventions as `sana_jax.sampling` (see its module docstring), so one
 noise tensor gives the same latents on both stacks:
 
-    model = load_official("Sana_1600M_1024px.pth", cfg).cuda()         # linear_attn= a Triton kernel if wanted
+    model = load_official("Sana_1600M_1024px.pth", cfg, linear_attn="triton").cuda()   # or the naive op (default)
     velocity = cfg_velocity(model, y, mask, y_null, guidance_scale=4.5)  # or sprint_velocity(...)
     latents = sample(velocity, noise, method="flow_dpm_solver", steps=20, flow_shift=cfg.flow_shift)
     images = vae.decode(latents / vae.config.scaling_factor).sample      # diffusers AutoencoderDC
