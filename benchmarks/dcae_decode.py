@@ -6,8 +6,8 @@ one summary line per size and dtype with the ratios (speedups of JAX over each a
 Also the tiled decode of a large image (default 4096 px in 1024-px tiles overlapping by 128 px, the setting that
 avoids 4K seams, diffusers PR #10510) by both, for its peak memory.
 
-Each JAX case runs in a child process, so its `peak_bytes_in_use` is its own (JAX has no peak reset) and no JAX
-allocator holds memory while torch runs; the torch cases run afterwards in this process with
+On GPU each JAX case runs in a child process, so its `peak_bytes_in_use` is its own (JAX has no peak reset) and
+no JAX allocator holds memory while torch runs; the torch cases run afterwards in this process with
 `torch.cuda.reset_peak_memory_stats()` per case. JAX params are cast once to the compute dtype, as diffusers'
 `.to(dtype)` does. `program_bytes` is XLA's own account of the compiled decode (arguments + outputs + temporaries).
 
@@ -95,7 +95,9 @@ def jax_in_child(case: dict) -> dict:
 
 # -------------------------------------------------------------------------------------------------- torch
 
-def torch_cases(args, cases: list[dict]) -> list[dict]:
+def torch_cases(args, cases: list[dict]):
+    """Yield one record per torch measurement: every eager case first (untiled and tiled), then the
+    torch.compile cases (slow to compile), so a run cut short still has the eager anchors."""
     import torch
     from diffusers import AutoencoderDC
 
@@ -108,43 +110,42 @@ def torch_cases(args, cases: list[dict]) -> list[dict]:
     cfg = dcae.get(args.config)
     config = {k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")}
     torch.manual_seed(0)
-    base = AutoencoderDC(**config).eval()
+    model = AutoencoderDC(**config).eval().to(device)
     sync = (lambda out: torch.cuda.synchronize()) if device.type == "cuda" else (lambda out: None)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    records = []
-    for dtype_name in args.dtypes:
-        model = base.to(device=device, dtype=getattr(torch, dtype_name))
-        for case in [c for c in cases if c["dtype"] == dtype_name]:
-            f, size = cfg.spatial_compression, case["size"]
-            z = torch.randn(case["batch"], cfg.latent_channels, size // f, size // f, device=device,
-                            dtype=getattr(torch, dtype_name))
-            impls = ["diffusers_eager"] if case["tiled"] else [i for i in args.impls if i.startswith("diffusers")]
-            for impl in impls:
-                if case["tiled"]:
-                    model.enable_tiling(case["tile_size"], case["tile_size"], case["tile_size"] - case["overlap"],
-                                        case["tile_size"] - case["overlap"])
-                    fn = lambda: model.decode(z).sample  # noqa: E731
-                elif impl == "diffusers_compile":
-                    model.disable_tiling()
-                    decoder = torch.compile(model.decoder, dynamic=False)
-                    fn = lambda: decoder(z)  # noqa: E731
-                else:
-                    model.disable_tiling()
-                    fn = lambda: model.decode(z).sample  # noqa: E731
-                record = {"impl": impl, "device": name, "torch": torch.__version__}
-                with torch.no_grad():
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats()
-                    start = time.perf_counter()
-                    sync(fn())
-                    record["compile_s"] = round(time.perf_counter() - start, 2)
-                    record["ms"] = median_ms(fn, sync, case["warmup"], case["iters"])
-                record["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-                records.append({**case_fields(case), **record})
+    plan = [("diffusers_eager", case) for case in cases if "diffusers_eager" in args.impls]
+    plan += [("diffusers_compile", case) for case in cases if "diffusers_compile" in args.impls and not case["tiled"]]
+    for impl, case in plan:
+        dtype = getattr(torch, case["dtype"])
+        model.to(dtype=dtype)  # in place; the timing does not depend on the weights' values
+        f, size = cfg.spatial_compression, case["size"]
+        z = torch.randn(case["batch"], cfg.latent_channels, size // f, size // f, device=device, dtype=dtype)
+        if case["tiled"]:
+            stride = case["tile_size"] - case["overlap"]
+            model.enable_tiling(case["tile_size"], case["tile_size"], stride, stride)
+            fn = lambda: model.decode(z).sample  # noqa: E731
+        elif impl == "diffusers_compile":
             model.disable_tiling()
-        base = model
-    return records
+            decoder = torch.compile(model.decoder, dynamic=False)
+            fn = lambda: decoder(z)  # noqa: E731
+        else:
+            model.disable_tiling()
+            fn = lambda: model.decode(z).sample  # noqa: E731
+        # torch runs fp32 convolutions in TF32 unless told otherwise (cudnn.allow_tf32 defaults to True);
+        # sana_jax computes fp32 exactly (precision HIGHEST). Recorded so fp32 ratios are read accordingly.
+        record = {"impl": impl, "device": name, "torch": torch.__version__,
+                  "tf32_convs": bool(torch.backends.cudnn.allow_tf32) and device.type == "cuda"}
+        with torch.no_grad():
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            sync(fn())
+            record["compile_s"] = round(time.perf_counter() - start, 2)
+            record["ms"] = median_ms(fn, sync, case["warmup"], case["iters"])
+        record["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        yield {**case_fields(case), **record}
+    model.disable_tiling()
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -205,7 +206,9 @@ def main() -> None:
     records = []
     if "jax" in args.impls:
         for case in cases:
-            record = finish({**case_fields(case), **jax_in_child(case)})
+            # CPU has no device memory statistics to isolate: the smoke run stays in this process.
+            result = run_jax_case(case) if tiny else jax_in_child(case)
+            record = finish({**case_fields(case), **result})
             emit(record)
             records.append(record)
     if any(impl.startswith("diffusers") for impl in args.impls):

@@ -349,17 +349,10 @@ def config_from_diffusers(config_json: Mapping, name: str = "diffusers", **overr
         raise ValueError(f"config.json describes no valid DC-AE: {err}") from err
 
 
-def _named(cfg: DCAEConfig) -> DCAEConfig:
-    """`cfg` renamed after the released variant with the same architecture, if any (for messages and reports)."""
-    for name, released in RELEASED.items():
-        if released.replace(name=cfg.name, compute_dtype=cfg.compute_dtype) == cfg:
-            return cfg.replace(name=name)
-    return cfg
-
-
 def infer_original_config(shapes: Mapping[str, tuple[int, ...]], model_name: str | None = None) -> DCAEConfig:
     """The released config of an original state_dict: by `model_name` (DCAE_HF's config.json) if given, else the
-    first released variant whose keys and shapes match exactly (1.0 and 1.1 share one architecture)."""
+    first released variant whose keys and shapes match exactly. 1.0 and 1.1 share one architecture, so weights
+    of either without a model_name get the config named dc-ae-f32c32-sana-1.0 (the name is all that differs)."""
     if model_name is not None:
         if model_name not in RELEASED:
             raise ValueError(f"model_name {model_name!r} is not a released SANA DC-AE this converter knows "
@@ -460,7 +453,7 @@ def load_pretrained(path, config: DCAEConfig | None = None):
     try:
         if os.path.isdir(path) and find_diffusers_folder(path) is not None:
             config_json, state_dict = read_diffusers(path)
-            cfg = config if config is not None else _named(config_from_diffusers(config_json))
+            cfg = config if config is not None else config_from_diffusers(config_json)
             params = diffusers_to_jax(state_dict, cfg)
         elif os.path.isdir(path) and os.path.isfile(os.path.join(path, ORIGINAL_WEIGHTS_NAME)):
             state_dict = read_weights_file(os.path.join(path, ORIGINAL_WEIGHTS_NAME))

@@ -243,6 +243,53 @@ class Conv2d(nn.Module):
         return y
 
 
+def _fold_taps(kernel: Array, axis: int) -> tuple[Array, Array]:
+    """A 3-tap kernel axis seen by a 2x nearest-upsampled input, as 2-tap kernels on the original input, for the
+    even and the odd output phase: even outputs read input (i-1, i, i) -> taps (k0, k1 + k2); odd outputs read
+    (i, i, i+1) -> taps (k0 + k1, k2)."""
+    k0, k1, k2 = (jnp.take(kernel, t, axis=axis) for t in range(3))
+    return jnp.stack([k0, k1 + k2], axis=axis), jnp.stack([k0 + k1, k2], axis=axis)
+
+
+def nearest2x_conv3x3(x: Array, kernel: Array, precision=None) -> Array:
+    """conv3x3(nearest_upsample_2x(x)), zero padding 1, without building the upsampled map.
+
+    x [B, H, W, C_in], kernel HWIO [3, 3, C_in, C_out] (taps folded in its dtype, fp32 for the params, then cast
+    to x's) -> [B, 2H, 2W, C_out] in x's dtype. Each of the four output phases is
+    a 2x2 convolution of x with kernel taps summed where the upsampling repeats a pixel (_fold_taps): 16 instead
+    of 36 multiply-adds per input pixel and channel pair, and no 4x larger input in memory. The same function
+    up to rounding (the folded taps add two weights before the multiply); tests compare it with the direct form.
+    """
+    rows = _fold_taps(kernel, 0)
+    phases = []
+    for a, pad_h in enumerate(((1, 0), (0, 1))):  # even rows read (i-1, i), odd rows (i, i+1)
+        cols = _fold_taps(rows[a], 1)
+        phases.append([jax.lax.conv_general_dilated(
+            x, cols[b].astype(x.dtype), window_strides=(1, 1), padding=(pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=precision) for b, pad_w in enumerate(((1, 0), (0, 1)))])
+    y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2(a), W, 2(b), C_out]
+    b, h, _, w, _, c = y.shape
+    return y.reshape(b, 2 * h, 2 * w, c)
+
+
+class NearestUpConv(nn.Module):
+    """Nearest 2x up-sampling then a 3x3 conv with bias (diffusers' interpolate mode), computed by
+    nearest2x_conv3x3. Same parameters as the Conv2d it replaces: kernel [3, 3, C_in, C_out], bias [C_out]."""
+
+    features: int
+    config: DCAEConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # [B, H, W, C_in] -> [B, 2H, 2W, C_out]
+        cfg, c_in = self.config, x.shape[-1]
+        dtype, init = _dtype(cfg), _torch_uniform(c_in * 9)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, _IN, _OUT)),
+                            (3, 3, c_in, self.features), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(init, (_OUT,)), (self.features,), jnp.float32)
+        y = nearest2x_conv3x3(x.astype(dtype), kernel, precision=_precision(cfg))
+        return y + bias.astype(dtype)
+
+
 class Linear(nn.Module):
     """y = x @ kernel over the last axis, no bias (every DC-AE Linear is bias-free); kernel [C_in, C_out]."""
 
@@ -472,7 +519,7 @@ class UpBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         if cfg.upsample_block_type == "interpolate":
-            y = Conv2d(self.features, 3, cfg, name="conv")(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+            y = NearestUpConv(self.features, cfg, name="conv")(x)
         else:
             y = pixel_shuffle(Conv2d(4 * self.features, 3, cfg, name="conv")(x))
         if self.shortcut:

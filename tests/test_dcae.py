@@ -2,6 +2,7 @@
 original mit-han-lab layouts, bit-exact round trips, agreement with diffusers' own converter), released configs,
 tiling, bad input, and the tiny benchmark."""
 
+import functools
 import json
 import os
 import subprocess
@@ -41,15 +42,26 @@ CONFIGS = {"tiny": TINY, "pixel": PIXEL, "one_scale": ONE_SCALE}
 SIZES = [(2, 16, 12), (1, 8, 4)]
 
 
+@functools.lru_cache(maxsize=None)
 def perturbed_params(cfg, seed=0):
     """PyTorch-default init, then every leaf perturbed (sana_jax.perturb_params: +randn*0.05 on kernels, *0.3 on
-    vectors); BatchNorm variances kept positive."""
+    vectors); BatchNorm variances kept positive. Cached: callers must not modify the tree."""
     params = sana_jax.perturb_params(dcae.init_params(dcae.DCAE(cfg), jax.random.key(seed)), seed=seed)
 
     def fix(path, leaf):
         return np.abs(leaf) + 0.5 if jax.tree_util.keystr(path).endswith("['var']") else leaf
 
     return jax.tree_util.tree_map_with_path(fix, params)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(model, method):
+    return jax.jit(lambda params, x: model.apply({"params": params}, x, method=method))
+
+
+def run(model, params, x, method):
+    """model.apply(..., method=method) compiled (eager apply dispatches op by op: ~4x slower on tiny models)."""
+    return _jitted(model, method)(params, x)
 
 
 def diffusers_model(cfg, params):
@@ -77,6 +89,16 @@ def smooth_image(h, w):
     return np.stack([np.sin(3 * yy + 2 * xx), np.cos(2 * yy - xx), yy * xx], -1)[None].astype(np.float32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """diffusers runs tiny ops here; on a busy 2-core machine torch's OpenMP workers spin-wait and make them ~50x
+    slower (measured). Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------------- parity
 
 @pytest.fixture(scope="module", params=["tiny", "pixel"])
@@ -94,10 +116,10 @@ def test_encode_decode_match_diffusers(pair, shape):
         z_ref = nhwc(ref.encode(nchw(x)).latent)
         y_ref = nhwc(ref.decode(nchw(z_ref)).sample)
     f = cfg.spatial_compression
-    z = model.apply({"params": params}, x, method="encode")
+    z = run(model, params, x, "encode")
     assert z.shape == (shape[0], shape[1] // f, shape[2] // f, cfg.latent_channels)
     assert_close(f"{cfg.name} encode {shape}", z_ref, z, "tiny_fp32")
-    y = model.apply({"params": params}, z_ref, method="decode")  # the same latents on both sides
+    y = run(model, params, z_ref, "decode")  # the same latents on both sides
     assert y.shape == x.shape
     assert_close(f"{cfg.name} decode {shape}", y_ref, y, "tiny_fp32")
 
@@ -111,6 +133,20 @@ def test_quadratic_branch_equals_linear_attention():
                  dcae.relu_quadratic_attention(q, k, v), "tiny_fp32")
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 3, 6), (1, 1, 4, 2)], ids=["5x3", "1x4"])
+def test_nearest_upsample_conv_equals_direct_form(shape):
+    """The folded-tap up-sampling conv against its naive sibling: nearest x2 (repeat), then a 3x3 conv."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, shape[-1], 5)).astype(np.float32)
+    up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    direct = jax.lax.conv_general_dilated(up, kernel, (1, 1), ((1, 1), (1, 1)),
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                          precision=jax.lax.Precision.HIGHEST)
+    assert_close(f"nearest2x_conv3x3 {shape}", direct,
+                 dcae.nearest2x_conv3x3(x, kernel, precision=jax.lax.Precision.HIGHEST), "tiny_fp32")
+
+
 def test_bf16_matches_diffusers_bf16():
     """bf16 against diffusers in bf16 (`.to(torch.bfloat16)`), the same perturbed model and latents: in bf16
     this decoder is ~15% from its fp32 result on both sides (measured), so fp32 is no reference here."""
@@ -122,10 +158,10 @@ def test_bf16_matches_diffusers_bf16():
     with torch.no_grad():
         z_ref = ref.encode(nchw(x).bfloat16()).latent.float().permute(0, 2, 3, 1).numpy()
         y_ref = ref.decode(nchw(latents).bfloat16()).sample.float().permute(0, 2, 3, 1).numpy()
-    z = model.apply({"params": params}, x, method="encode")
+    z = run(model, params, x, "encode")
     assert z.dtype == np.dtype("bfloat16")
     assert_close("bf16 encode vs diffusers bf16", z_ref, z, "dcae_bf16")
-    assert_close("bf16 decode vs diffusers bf16", y_ref, model.apply({"params": params}, latents, method="decode"),
+    assert_close("bf16 decode vs diffusers bf16", y_ref, run(model, params, latents, "decode"),
                  "dcae_bf16")
 
 
@@ -223,7 +259,7 @@ def test_export_diffusers_loads_in_diffusers_and_back(tmp_path):
     model, loaded = dcae.load_pretrained(out)
     assert model.config == cfg.replace(name="diffusers")
     same_arrays(flatten(params), flatten(loaded))
-    assert_close("exported decode", y_ref, model.apply({"params": loaded}, latents, method="decode"), "tiny_fp32")
+    assert_close("exported decode", y_ref, run(model, loaded, latents, "decode"), "tiny_fp32")
     with pytest.raises(FileExistsError):
         cdcae.export_diffusers(cfg, params, out)
     cdcae.export_diffusers(cfg, params, out, overwrite=True)
@@ -333,18 +369,18 @@ def test_tiled_close_to_untiled():
     cfg = TINY.replace(name="local", encoder_block_types=("ResBlock",) * 3, decoder_block_types=("ResBlock",) * 3)
     model, params = dcae.DCAE(cfg), perturbed_params(cfg)
     x = smooth_image(256, 192)
-    z = model.apply({"params": params}, x, method="encode")
+    z = run(model, params, x, "encode")
     assert_close("tiled encode vs untiled", z, dcae.tiled_encode(model, params, x, 128, 64), "dcae_tiled_local")
-    assert_close("tiled decode vs untiled", model.apply({"params": params}, z, method="decode"),
+    assert_close("tiled decode vs untiled", run(model, params, z, "decode"),
                  dcae.tiled_decode(model, params, z, 128, 64), "dcae_tiled_local")
 
 
 def test_tiled_is_untiled_when_one_tile_covers():
     model, params = dcae.DCAE(TINY), perturbed_params(TINY)
     x = images((1, 16, 12))
-    z = model.apply({"params": params}, x, method="encode")
+    z = run(model, params, x, "encode")
     assert_close("one-tile encode", z, dcae.tiled_encode(model, params, x, 16, 8), "tiny_fp32")
-    assert_close("one-tile decode", model.apply({"params": params}, z, method="decode"),
+    assert_close("one-tile decode", run(model, params, z, "decode"),
                  dcae.tiled_decode(model, params, z, 16, 8), "tiny_fp32")
 
 
