@@ -10,9 +10,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sana-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="convert-and-parity demo on random tiny SANA models (no downloads)")
-    demo.add_argument("--out", default="outputs/demo", help="folder for exports, report.json and PNG plots")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the main job on an embedded default: train a small SANA on coloured "
+                                       "shapes, resume, sample, measure conditioning, export, check parity")
+    demo.add_argument("--out", default="outputs/demo", help="folder for data, checkpoints, PNGs and the report")
+    demo.add_argument("--steps", type=int, default=1200, help="optimizer steps (half before the resume)")
+
+    chain = sub.add_parser("parity-demo", help="convert-and-parity chain on random tiny SANA models of every kind")
+    chain.add_argument("--out", default="outputs/parity-demo", help="folder for exports, report.json and PNGs")
+    chain.add_argument("--seed", type=int, default=0)
+
+    train = sub.add_parser("train", help="train or fine-tune SANA on a latent + caption-embedding cache")
+    train.add_argument("--recipe", help="a released recipe (sana_600m_1024, sana_1600m_1024, sana_1600m_4k, "
+                                        "sana15_1600m_1024, sana15_4800m_1024); default: the tiny defaults")
+    train.add_argument("--config", help="a JSON or YAML file of TrainConfig fields (nested), applied after --recipe")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one field, e.g. --set optim.lr=2e-5 --set data_dir=/data/cache")
+    train.add_argument("--init", help="start from these weights (official, diffusers or sana-jax checkpoint)")
 
     convert = sub.add_parser("convert", help="convert a checkpoint between official, diffusers and sana-jax formats")
     convert.add_argument("source", help="official .pth/.safetensors, diffusers folder, or sana-jax export folder")
@@ -46,9 +59,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
+        from sana_jax.train.demo import run_demo
+
+        return run_demo(args.out, steps=args.steps)
+    if args.command == "parity-demo":
         from sana_jax.cli.demo import run_demo
 
         return run_demo(args.out, seed=args.seed)
+    if args.command == "train":
+        from sana_jax.cli.commands import run_train
+
+        return run_train(args)
     if args.command == "convert":
         from sana_jax.cli.commands import run_convert
 

@@ -66,3 +66,21 @@ def run_parity(args) -> int:
     for row in failures:
         print(f"FAIL {row.impl} fp32 {row.name}: rel {row.rel:.3e} > {args.fp32_target:.0e}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def run_train(args) -> int:
+    import sana_jax
+    from sana_jax.train.config import load_config
+    from sana_jax.train.loop import train
+
+    cfg = load_config(args.recipe, args.config, args.set)
+    if not cfg.data_dir:
+        raise SystemExit("train: set data_dir (--set data_dir=/path/to/cache) to a cache written by the data "
+                         "tools (format in sana_jax/train/data.py)")
+    params = None
+    if args.init:
+        model, params = sana_jax.load_pretrained(args.init, config=cfg.model)
+    result = train(cfg, init_params=params)
+    print(f"trained to step {result.losses[-1][0] if result.losses else 0}: loss "
+          f"{result.losses[-1][1] if result.losses else float('nan'):.4f}; outputs in {result.out_dir}")
+    return 0

@@ -1,0 +1,170 @@
+"""The training cache: latents + caption embeddings + masks on disk, and a deterministic per-host loader.
+
+On-disk format (`sana-jax-cache/1`), one folder:
+  index.json         {"format", "latent_channels", "caption_channels", "max_length", "scaling_factor",
+                      "shards": [{"file", "count", "latent_hw": [h, w]}, ...]}
+  null.safetensors   y [L, C_cap] fp32 (the caption encoder's output for "", SANA's null caption), mask [L]
+  shard-NNNNN.safetensors
+                     latents [n, h, w, C] fp32 (already multiplied by the VAE scaling factor), y [n, L, C_cap]
+                     fp32, mask [n, L] int32; metadata "captions": JSON list of the n captions.
+Every shard holds one latent size (an aspect-ratio bucket); a bucket may span many shards. Files are written
+atomically (temporary name, then rename), so an interrupted writer leaves whole shards only, and `index.json`
+is written last.
+
+Loading: grain MapDatasets over random-access row sources. Batch k of the run is a pure function of (seed, k):
+epoch e = k // batches_per_epoch shuffles the rows of each bucket and the order of the buckets' batches with
+seed + e, so resuming at step k needs no iterator state. Each process reads only its slice of every batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable
+
+import grain
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+FORMAT = "sana-jax-cache/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    latent: np.ndarray  # [h, w, C]
+    y: np.ndarray  # [L, C_cap]
+    mask: np.ndarray  # [L]
+    caption: str
+
+
+def _atomic_save(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    tmp = path + ".tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_cache(out_dir: str, examples: Iterable[Example], null_y: np.ndarray, null_mask: np.ndarray,
+                scaling_factor: float = 1.0, shard_size: int = 1024) -> dict:
+    """Write examples into shards grouped by latent size; returns the index. Refuses a non-empty out_dir."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder for the cache")
+    os.makedirs(out_dir, exist_ok=True)
+    pending: dict[tuple[int, int], list[Example]] = {}
+    shards = []
+    dims = {}
+
+    def flush(hw):
+        batch = pending.pop(hw)
+        name = f"shard-{len(shards):05d}.safetensors"
+        _atomic_save(os.path.join(out_dir, name),
+                     {"latents": np.stack([e.latent for e in batch]).astype(np.float32),
+                      "y": np.stack([e.y for e in batch]).astype(np.float32),
+                      "mask": np.stack([e.mask for e in batch]).astype(np.int32)},
+                     {"captions": json.dumps([e.caption for e in batch])})
+        shards.append({"file": name, "count": len(batch), "latent_hw": list(hw)})
+
+    for ex in examples:
+        shape = (ex.latent.shape[-1], ex.y.shape[-1], ex.y.shape[0])
+        if dims.setdefault("shape", shape) != shape:
+            raise ValueError(f"example {ex.caption!r}: (latent channels, caption channels, L) {shape} differs "
+                             f"from the first example's {dims['shape']}")
+        hw = tuple(ex.latent.shape[:2])
+        pending.setdefault(hw, []).append(ex)
+        if len(pending[hw]) == shard_size:
+            flush(hw)
+    for hw in list(pending):
+        flush(hw)
+    if not shards:
+        raise ValueError("no examples to write")
+    _atomic_save(os.path.join(out_dir, "null.safetensors"), {"y": null_y.astype(np.float32),
+                                                            "mask": null_mask.astype(np.int32)})
+    c, c_cap, length = dims["shape"]
+    index = {"format": FORMAT, "latent_channels": c, "caption_channels": c_cap, "max_length": length,
+             "scaling_factor": scaling_factor, "shards": shards}
+    tmp = os.path.join(out_dir, "index.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "index.json"))
+    return index
+
+
+def read_index(data_dir: str) -> dict:
+    path = os.path.join(data_dir, "index.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no cache index (build one with `sana-jax prepare` or the demo)")
+    with open(path) as f:
+        index = json.load(f)
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
+    for shard in index["shards"]:
+        if not os.path.exists(os.path.join(data_dir, shard["file"])):
+            raise FileNotFoundError(f"{os.path.join(data_dir, shard['file'])}: listed in {path} but missing")
+    return index
+
+
+class BucketSource:
+    """Random access to the rows of every shard of one latent size (a grain data source)."""
+
+    def __init__(self, data_dir: str, shards: list[dict]):
+        self._files = [os.path.join(data_dir, s["file"]) for s in shards]
+        self._starts = np.cumsum([0] + [s["count"] for s in shards])
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        shard = int(np.searchsorted(self._starts, i, side="right") - 1)
+        row = int(i - self._starts[shard])
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self._files[shard], framework="np")
+        f = self._handles[shard]
+        return {key: f.get_slice(key)[row:row + 1][0] for key in ("latents", "y", "mask")}
+
+
+class Loader:
+    """batch(k) -> this process's rows of global batch k: {"x0", "y", "mask", "null_y"} as numpy."""
+
+    def __init__(self, data_dir: str, global_batch: int, seed: int, process_index: int = 0,
+                 process_count: int = 1):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+        self.index = read_index(data_dir)
+        self.global_batch, self.seed = global_batch, seed
+        self.process_index, self.process_count = process_index, process_count
+        self.per_process = global_batch // process_count
+        buckets: dict[tuple[int, int], list[dict]] = {}
+        for shard in self.index["shards"]:
+            buckets.setdefault(tuple(shard["latent_hw"]), []).append(shard)
+        self.sources = {hw: BucketSource(data_dir, shards) for hw, shards in sorted(buckets.items())}
+        self.batches_per_bucket = {hw: len(src) // global_batch for hw, src in self.sources.items()}
+        self.batches_per_epoch = sum(self.batches_per_bucket.values())
+        if self.batches_per_epoch == 0:
+            sizes = {f"{h}x{w}": len(s) for (h, w), s in self.sources.items()}
+            raise ValueError(f"{data_dir}: no bucket holds a full global batch of {global_batch} (rows {sizes})")
+        with safe_open(os.path.join(data_dir, "null.safetensors"), framework="np") as f:
+            self.null_y = f.get_tensor("y")
+
+    def _epoch(self, epoch: int):
+        seed = self.seed + epoch
+        per_bucket = []
+        for hw, src in self.sources.items():
+            usable = self.batches_per_bucket[hw] * self.global_batch
+            ds = grain.MapDataset.source(src).shuffle(seed=seed).slice(slice(0, usable))
+            ds = ds.slice(slice(self.process_index, None, self.process_count)).batch(self.per_process)
+            per_bucket += [(hw, ds, i) for i in range(self.batches_per_bucket[hw])]
+        order = np.random.default_rng(seed).permutation(len(per_bucket))
+        return [per_bucket[i] for i in order]
+
+    def batch(self, k: int) -> dict:
+        epoch, position = divmod(k, self.batches_per_epoch)
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached_epoch, self._cached_order = epoch, self._epoch(epoch)
+        _, ds, i = self._cached_order[position]
+        rows = ds[i]
+        return {"x0": rows["latents"], "y": rows["y"], "mask": rows["mask"], "null_y": self.null_y}
+
+    def batch_shapes(self, k: int = 0) -> dict:
+        return {key: value.shape for key, value in self.batch(k).items()}

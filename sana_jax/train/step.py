@@ -1,0 +1,128 @@
+"""Train state, optimizer and the sharded, jitted train step.
+
+The step is one `jax.jit` with NamedSharding in/out shardings and a donated state. Randomness is derived from
+(seed, micro-step) only, so a resumed run draws exactly the numbers the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+import sana_jax
+from sana_jax import optim
+from sana_jax.train import sharding
+from sana_jax.train.config import TrainConfig
+from sana_jax.train.flow import flow_matching_loss
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # int32 []: micro-steps done (optimizer steps * grad_accum)
+    params: Any  # fp32 master params (a plain tree, sana_jax layout)
+    opt_state: Any
+    ema: Any  # EMA of params, or None
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> CAME / CAME-8bit / AdamW with linear warmup to a constant lr; MultiSteps if accum."""
+    o = cfg.optim
+    lr = optax.warmup_constant_schedule(0.0, cfg.effective_lr, max(o.warmup_steps, 1)) if o.warmup_steps else \
+        cfg.effective_lr
+    if o.name == "came":
+        base = optim.came(lr, weight_decay=o.weight_decay)
+    elif o.name == "came_8bit":
+        base = optim.came_8bit(lr, weight_decay=o.weight_decay)
+    elif o.name == "adamw":
+        base = optax.adamw(lr, weight_decay=o.weight_decay)
+    else:
+        raise ValueError(f"optim.name must be came, came_8bit or adamw, got {o.name!r}")
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), base) if o.clip_grad_norm else base
+    return optax.MultiSteps(tx, every_k_schedule=o.grad_accum) if o.grad_accum > 1 else tx
+
+
+def state_shardings(cfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransformation):
+    """(abstract TrainState, TrainState of NamedSharding): params from the model's logical axes, optimizer state
+    derived from them (reduced axes replicated), EMA like params, step replicated."""
+    model = sana_jax.SanaTransformer(cfg.model)
+    abstract_params = sana_jax.abstract_params(model)
+    param_axes = sana_jax.logical_axes(model)
+    param_sh = sharding.logical_to_sharding(mesh, param_axes)
+    opt_axes = optim.state_axes(tx, abstract_params, param_axes)
+    opt_sh = sharding.logical_to_sharding(mesh, opt_axes)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                          opt_state=jax.eval_shape(tx.init, abstract_params),
+                          ema=abstract_params if cfg.optim.ema_decay else None)
+    shardings = TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh,
+                           ema=param_sh if cfg.optim.ema_decay else None)
+    sharding.check_divisible(abstract.params, shardings.params)
+    return abstract, shardings
+
+
+def init_state(cfg: TrainConfig, tx, shardings: TrainState, params=None) -> TrainState:
+    """A sharded TrainState: the original SANA init (seeded by cfg.seed) or the given params (fine-tuning)."""
+    model = sana_jax.SanaTransformer(cfg.model)
+
+    def build(p):
+        if p is None:
+            p = sana_jax.init_params(model, jax.random.key(cfg.seed))
+        p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                          ema=p if cfg.optim.ema_decay else None)
+
+    if params is None:
+        return jax.jit(lambda: build(None), out_shardings=shardings)()
+    params = jax.device_put(params, shardings.params)
+    return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
+def make_train_step(cfg: TrainConfig, mesh: Mesh, tx, shardings: TrainState, batch_shapes: dict):
+    """jit(step)(state, batch) -> (state, metrics {loss, grad_norm, lr-free}); state donated."""
+    model = sana_jax.SanaTransformer(cfg.model)
+    seed_key = jax.random.key(cfg.seed + 1)
+
+    def apply_fn(params, x, t, y, mask):
+        return model.apply({"params": params}, x, t, y, mask)
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(seed_key, state.step)
+        loss_fn = lambda p: flow_matching_loss(apply_fn, p, batch, rng, cfg.flow)  # noqa: E731
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if cfg.optim.ema_decay:
+            decay = cfg.optim.ema_decay
+            updated = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
+            ema = jax.tree.map(lambda e, p: jnp.where(updated, decay * e + (1 - decay) * p, e), ema, params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+    batch_sh = {k: (sharding.replicated(mesh) if k == "null_y" else sharding.batch_sharding(mesh, len(shape)))
+                for k, shape in batch_shapes.items()}
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
+                     donate_argnums=(0,))
+
+    def run(state, batch):
+        with nn.logical_axis_rules(sharding.LOGICAL_RULES), jax.set_mesh(mesh):
+            return jitted(state, batch)
+
+    return run, batch_sh
+
+
+def put_batch(batch: dict, batch_sh: dict[str, NamedSharding]) -> dict:
+    """Host numpy batch (this process's rows) -> global arrays sharded over the batch axes."""
+    out = {}
+    for key, value in batch.items():
+        sh = batch_sh[key]
+        if jax.process_count() == 1 or key == "null_y":
+            out[key] = jax.device_put(value, sh)
+        else:
+            global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+            out[key] = jax.make_array_from_process_local_data(sh, value, global_shape)
+    return out
