@@ -10,7 +10,7 @@ projections are one fused `qkv` kernel (as the original's `qkv` conv), and a sta
 
 Reads top to bottom: config -> released variants -> layers -> blocks -> encoder / decoder -> model -> tiling ->
 utilities. Shapes: B batch, H, W height and width (pixels or latent cells), C channels, N = H*W tokens,
-G attention groups (heads x (1 + scales) x 3 / 3), D attention head dim.
+D attention head dim, G attention groups (C / D heads x (1 + number of q/k/v scales)).
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ LITE_F32C32_SANA_1_1 = F32C32_SANA_1_0.replace(
     name="dc-ae-lite-f32c32-sana-1.1", decoder_block_types=("ResBlock",) * 6,
     decoder_layers_per_block=(0, 3, 5, 4, 4, 4), decoder_qkv_multiscales=((),) * 6,
     upsample_block_type="pixel_shuffle", decoder_conv_act_fn="silu")
-# For tests: 3 stages (f = 4), every kind of block and both shortcuts; 8-wide stages, 4-wide attention heads.
+# For tests: 3 stages (f = 4) of 8, 8, 16 channels, ResBlocks and attention with 0, 1 and 2 extra q/k/v scales,
+# 4-wide heads, both shortcuts.
 TINY = DCAEConfig(
     name="tiny", latent_channels=4, attention_head_dim=4,
     encoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
@@ -265,8 +266,9 @@ def nearest2x_conv3x3(x: Array, kernel: Array, precision=None) -> Array:
     for a, pad_h in enumerate(((1, 0), (0, 1))):  # even rows read (i-1, i), odd rows (i, i+1)
         cols = _fold_taps(rows[a], 1)
         phases.append([jax.lax.conv_general_dilated(
-            x, cols[b].astype(x.dtype), window_strides=(1, 1), padding=(pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=precision) for b, pad_w in enumerate(((1, 0), (0, 1)))])
+            x, cols[b].astype(x.dtype), window_strides=(1, 1), padding=(pad_h, pad_w),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+            for b, pad_w in enumerate(((1, 0), (0, 1)))])  # even columns read (j-1, j), odd (j, j+1)
     y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2(a), W, 2(b), C_out]
     b, h, _, w, _, c = y.shape
     return y.reshape(b, 2 * h, 2 * w, c)
@@ -566,7 +568,7 @@ class UpStage(nn.Module):
 
 
 class Encoder(nn.Module):
-    """[B, H, W, in_channels] -> [B, H/f, W/f, latent_channels]; sows every stage's output."""
+    """[B, H, W, in_channels] -> [B, H/f, W/f, latent_channels]; sows `conv_in_out` and `down_blocks_{i}_out`."""
 
     config: DCAEConfig
 
@@ -578,10 +580,10 @@ class Encoder(nn.Module):
             x = Conv2d(widths[0], 3, cfg, name="conv_in")(x)
         else:  # no full-resolution stage: the input conv already halves the resolution
             x = DownBlock(widths[1], cfg, shortcut=False, name="conv_in")(x)
-        self.sow("intermediates", "conv_in", x)
+        self.sow("intermediates", "conv_in_out", x)
         for i in range(len(widths)):
             x = DownStage(cfg, i, name=f"down_blocks_{i}")(x)
-            self.sow("intermediates", f"down_blocks_{i}", x)
+            self.sow("intermediates", f"down_blocks_{i}_out", x)
         out = Conv2d(cfg.latent_channels, 3, cfg, name="conv_out")(x)
         if cfg.encoder_out_shortcut:
             out = out + _group_mean(x, widths[-1] // cfg.latent_channels)
@@ -589,7 +591,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """[B, h, w, latent_channels] -> [B, h*f, w*f, in_channels]; sows every stage's output."""
+    """[B, h, w, latent_channels] -> [B, h*f, w*f, in_channels]; sows `conv_in_out` and `up_blocks_{i}_out`."""
 
     config: DCAEConfig
 
@@ -600,10 +602,10 @@ class Decoder(nn.Module):
         x = Conv2d(widths[-1], 3, cfg, name="conv_in")(z)
         if cfg.decoder_in_shortcut:
             x = x + jnp.repeat(z.astype(x.dtype), widths[-1] // cfg.latent_channels, axis=-1)
-        self.sow("intermediates", "conv_in", x)
+        self.sow("intermediates", "conv_in_out", x)
         for i in reversed(range(len(widths))):
             x = UpStage(cfg, i, name=f"up_blocks_{i}")(x)
-            self.sow("intermediates", f"up_blocks_{i}", x)
+            self.sow("intermediates", f"up_blocks_{i}_out", x)
         # Always RMSNorm here, whatever decoder_norm_types says (diffusers' norm_out).
         x = _ACTIVATIONS[cfg.decoder_conv_act_fn](RMSNorm(name="norm_out")(x))
         if layers[0] > 0:
@@ -654,6 +656,21 @@ class DCAE(nn.Module):
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _apply(model: DCAE, params, x: Array, method: str) -> Array:
     return model.apply({"params": params}, x, method=method)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 6))
+def _apply_tile(model: DCAE, params, x: Array, size: tuple[int, int], top: Array, left: Array, method: str) -> Array:
+    """`method` on x[:, top:top + size[0], left:left + size[1]]; the offsets are traced, so one program serves
+    every tile of a shape (at most four shapes: full tiles and the shorter last row / column)."""
+    tile = jax.lax.dynamic_slice(x, (0, top, left, 0), (x.shape[0], *size, x.shape[3]))
+    return model.apply({"params": params}, tile, method=method)
+
+
+def _tiles(model: DCAE, params, x: Array, tile: int, stride: int, method: str) -> list[list[Array]]:
+    """`method` applied to the tiles of x [B, H, W, C] starting every `stride` cells (diffusers' grid)."""
+    h, w = x.shape[1:3]
+    return [[_apply_tile(model, params, x, (min(tile, h - i), min(tile, w - j)), jnp.int32(i), jnp.int32(j), method)
+             for j in range(0, w, stride)] for i in range(0, h, stride)]
 
 
 def _check_tiles(cfg: DCAEConfig, tile_size: int, overlap: int) -> None:
@@ -721,9 +738,7 @@ def tiled_decode(model: DCAE, params, latents: Array, tile_size: int = 512, over
     h, w = latents.shape[1:3]
     if h <= tile and w <= tile:
         return _apply(model, params, latents, "decode")
-    rows = [[_apply(model, params, latents[:, i:i + tile, j:j + tile], "decode") for j in range(0, w, stride)]
-            for i in range(0, h, stride)]
-    return _blend(rows, overlap, tile_size - overlap)
+    return _blend(_tiles(model, params, jnp.asarray(latents), tile, stride, "decode"), overlap, tile_size - overlap)
 
 
 def tiled_encode(model: DCAE, params, images: Array, tile_size: int = 512, overlap: int = 64) -> Array:
@@ -743,9 +758,7 @@ def tiled_encode(model: DCAE, params, images: Array, tile_size: int = 512, overl
     h, w = images.shape[1:3]
     if h <= tile_size and w <= tile_size:
         return _apply(model, params, images, "encode")
-    rows = [[_apply(model, params, images[:, i:i + tile_size, j:j + tile_size], "encode")
-             for j in range(0, w, stride)] for i in range(0, h, stride)]
-    return _blend(rows, overlap // f, stride // f)
+    return _blend(_tiles(model, params, jnp.asarray(images), tile_size, stride, "encode"), overlap // f, stride // f)
 
 
 # ------------------------------------------------------------------------------------------------ utilities

@@ -124,6 +124,32 @@ def test_encode_decode_match_diffusers(pair, shape):
     assert_close(f"{cfg.name} decode {shape}", y_ref, y, "tiny_fp32")
 
 
+def test_stage_outputs_match_diffusers():
+    """Every stage's output is sown (`intermediates`), so a parity failure names the first diverging stage."""
+    cfg, params = PIXEL, perturbed_params(PIXEL)
+    model, ref = dcae.DCAE(cfg), diffusers_model(cfg, params)
+    modules = {"encoder.conv_in": ref.encoder.conv_in, "decoder.conv_in": ref.decoder.conv_in}
+    modules.update({f"encoder.down_blocks_{i}": block for i, block in enumerate(ref.encoder.down_blocks)})
+    modules.update({f"decoder.up_blocks_{i}": block for i, block in enumerate(ref.decoder.up_blocks)})
+    captured = {}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, nhwc(out)))
+             for name, module in modules.items()]
+    x = images((1, 16, 12))
+    with torch.no_grad():
+        z = ref.encode(nchw(x)).latent
+        ref.decode(z)
+    for hook in hooks:
+        hook.remove()
+    # PIXEL has no decoder in-shortcut, so diffusers' conv_in output is the sown one.
+    _, enc = model.apply({"params": params}, x, method="encode", mutable=["intermediates"])
+    _, dec = model.apply({"params": params}, nhwc(z), method="decode", mutable=["intermediates"])
+    sown = {f"{side}.{key.removesuffix('_out')}": value[0] for side, state in (("encoder", enc), ("decoder", dec))
+            for key, value in state["intermediates"][side].items()}
+    assert set(sown) == set(captured), sorted(set(sown) ^ set(captured))
+    for name in sorted(captured):
+        assert_close(f"pixel stage {name}", captured[name], sown[name], "tiny_fp32")
+
+
 def test_quadratic_branch_equals_linear_attention():
     """The two branches compute the same function (diffusers switches on N <= D for speed only)."""
     rng = np.random.default_rng(0)
@@ -148,8 +174,8 @@ def test_nearest_upsample_conv_equals_direct_form(shape):
 
 
 def test_bf16_matches_diffusers_bf16():
-    """bf16 against diffusers in bf16 (`.to(torch.bfloat16)`), the same perturbed model and latents: in bf16
-    this decoder is ~15% from its fp32 result on both sides (measured), so fp32 is no reference here."""
+    """bf16 against diffusers in bf16 (`.to(torch.bfloat16)`), the same perturbed model and inputs: both are as
+    far from the fp32 result (up to 14% on some decodes), so fp32 is no reference here (tolerances.py)."""
     params = perturbed_params(TINY)
     ref = diffusers_model(TINY, params).to(torch.bfloat16)
     model = dcae.DCAE(TINY.replace(compute_dtype="bfloat16"))
@@ -307,7 +333,8 @@ def test_wrong_key_and_wrong_shape_are_named():
         cdcae.diffusers_to_jax(renamed, cfg)
     reshaped = dict(state_dict)
     reshaped["decoder.conv_out.weight"] = np.zeros((3, 8, 3, 2), np.float32)
-    with pytest.raises(ValueError, match=r"'decoder.conv_out.weight': expected shape \(3, 8, 3, 3\), got \(3, 8, 3, 2\)"):
+    with pytest.raises(ValueError,
+                       match=r"'decoder.conv_out.weight': expected shape \(3, 8, 3, 3\), got \(3, 8, 3, 2\)"):
         cdcae.diffusers_to_jax(reshaped, cfg)
     flat = flatten(params)
     flat["encoder/conv_in/kernel"] = np.zeros((3, 3, 3, 9), np.float32)
@@ -323,6 +350,11 @@ def test_bad_images_and_latents_raise():
         model.apply({"params": params}, np.zeros((1, 3, 16, 16), np.float32), method="encode")
     with pytest.raises(ValueError, match=r"latents must be \[B, h, w, 4\]"):
         model.apply({"params": params}, np.zeros((1, 4, 4, 32), np.float32), method="decode")
+    full = dcae.DCAE(dcae.get("dc-ae-f32c32-sana-1.0"))  # traced only: jax.eval_shape allocates nothing
+    with pytest.raises(ValueError, match="image size 1000x1024 is not a multiple of the DC-AE's spatial compression "
+                                         "32"):
+        jax.eval_shape(lambda p, x: full.apply({"params": p}, x, method="encode"), dcae.abstract_params(full),
+                       jax.ShapeDtypeStruct((1, 1000, 1024, 3), np.float32))
     with pytest.raises(ValueError, match="multiples of 4"):
         dcae.tiled_decode(model, params, np.zeros((1, 8, 8, 4), np.float32), tile_size=18, overlap=4)
     with pytest.raises(ValueError, match="overlap < tile_size"):
@@ -344,7 +376,8 @@ def test_load_pretrained_refuses_what_it_cannot_read(tmp_path):
     cdcae.export_diffusers(cfg, params, tmp_path / "vae")
     with pytest.raises(ValueError, match=r"vae: AutoencoderDC state_dict for config 'pixel': missing 50 key\(s\)"):
         dcae.load_pretrained(tmp_path / "vae", config=PIXEL)
-    with pytest.raises(ValueError, match=r"'decoder.conv_out.weight': expected shape \(3, 16, 3, 3\), got \(3, 8, 3, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"'decoder.conv_out.weight': expected shape \(3, 16, 3, 3\), got \(3, 8, 3, 3\)"):
         dcae.load_pretrained(tmp_path / "vae", config=TINY.replace(decoder_block_out_channels=(16, 8, 16)))
 
 
@@ -387,8 +420,9 @@ def test_tiled_is_untiled_when_one_tile_covers():
 # ------------------------------------------------------------------------------------------- benchmark
 
 def test_benchmark_runs_at_tiny_size():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "dcae_decode.py"), "--tiny", "--sizes", "32"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    script = os.path.join(ROOT, "benchmarks", "dcae_decode.py")
+    out = subprocess.run([sys.executable, script, "--tiny", "--sizes", "32"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     impls = {line.get("impl") for line in lines}
