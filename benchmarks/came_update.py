@@ -1,13 +1,15 @@
 """CPU micro-benchmark: one jitted optimizer update (update + apply_updates, donated state) of CAME and CAME-8bit
 vs optax.adamw and optax.adafactor on a SANA-1.6B-shaped parameter tree, with came_pytorch.CAME and
-torch.optim.AdamW on the same shapes (torch layouts) as the anchor measured in the same run.
+torch.optim.AdamW on the same shapes (torch layouts) as the anchor measured in the same run. Updates are timed in
+turns (one of each optimizer per round), so load from other processes falls on all of them alike.
 
-The full 1.6B tree needs params + grads + AdamW state = 25.6 GB in fp32, more than a 24 GiB CPU machine, so the
-default is a representative slice: every non-block parameter of sana_1600m plus `--blocks` of its 20 blocks
-(per-block shapes are exact; update cost is linear in the number of blocks). Prints one JSON object per line;
-`ratio_vs_adamw` is each median time over optax.adamw's.
+The full 1.6B tree needs params + grads + AdamW state = 25.6 GB in fp32, more than a 24 GiB CPU machine, and the
+turns keep every optimizer's params and state alive at once, so the default is a representative slice: every
+non-block parameter of sana_1600m plus `--blocks` of its 20 blocks (per-block shapes are exact; update cost is
+linear in the number of blocks). Prints one JSON object per line; `ratio_vs_adamw` is each median time over
+optax.adamw's, `min_ratio_vs_adamw` the same for the fastest update of each.
 
-    python benchmarks/came_update.py [--blocks 4] [--iters 5] [--tiny] [--no-torch] [--optimizers ...]
+    python benchmarks/came_update.py [--blocks 2] [--iters 7] [--tiny] [--no-torch] [--optimizers ...]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +51,8 @@ def random_tree(shapes, seed: int):
     return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * np.float32(0.02)), shapes)
 
 
-def time_jax(make_tx, params, grads, iters: int) -> dict:
-    """Median wall time of one donated, jitted update + apply_updates; compile time separately."""
+def prepare_jax(make_tx, params, grads) -> tuple[Callable[[], None], float]:
+    """(run one donated, jitted update + apply_updates, compile seconds) for one optimizer."""
     tx = make_tx()
 
     def step(params, state, grads):
@@ -61,13 +64,25 @@ def time_jax(make_tx, params, grads, iters: int) -> dict:
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     compile_s = time.perf_counter() - start
-    params, state = jax.block_until_ready(compiled(params, state, grads))  # warm-up
-    times = []
+    carry = [params, state]
+
+    def run() -> None:
+        carry[:] = jax.block_until_ready(compiled(*carry, grads))
+
+    run()  # warm-up
+    return run, compile_s
+
+
+def time_round_robin(runs: dict[str, Callable[[], None]], iters: int) -> dict[str, dict]:
+    """Median and min ms of each run, timed in turns (one of each per round) so that load from other processes
+    on a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(iters):
-        start = time.perf_counter()
-        params, state = jax.block_until_ready(compiled(params, state, grads))
-        times.append(time.perf_counter() - start)
-    return {"ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "compile_s": compile_s}
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t)} for name, t in times.items()}
 
 
 def _torch_layout(path_names: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
@@ -84,8 +99,8 @@ def _torch_layout(path_names: tuple[str, ...], x: np.ndarray) -> list[np.ndarray
     return out
 
 
-def time_torch(shapes, iters: int) -> list[dict]:
-    """came_pytorch.CAME and torch.optim.AdamW steps on the same tensors in torch layout (the anchor)."""
+def torch_runs(shapes) -> dict[str, Callable[[], None]]:
+    """torch.optim.AdamW and came_pytorch.CAME steps on the same tensors in torch layout (the anchor)."""
     import came_pytorch
     import torch
 
@@ -93,8 +108,8 @@ def time_torch(shapes, iters: int) -> list[dict]:
     tensors = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
         dummy = np.empty(leaf.shape, np.float32)
-        tensors += [a.shape for a in _torch_layout(optim._path_names(path), dummy)]
-    results = []
+        tensors += [a.shape for a in _torch_layout(optim.path_names(path), dummy)]
+    runs = {}
     for name, make in (("torch.optim.AdamW", lambda ps: torch.optim.AdamW(ps, lr=LR)),
                        ("came_pytorch.CAME", lambda ps: came_pytorch.CAME(ps, lr=LR))):
         params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s, np.float32) * 0.02)) for s in tensors]
@@ -102,22 +117,14 @@ def time_torch(shapes, iters: int) -> list[dict]:
             p.grad = torch.from_numpy(rng.standard_normal(p.shape, np.float32) * 0.02)
         opt = make(params)
         opt.step()  # warm-up: creates the state
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - start)
-        results.append({"optimizer": name, "framework": f"torch {torch.__version__}",
-                        "torch_threads": torch.get_num_threads(), "ms": 1e3 * statistics.median(times),
-                        "min_ms": 1e3 * min(times)})
-        del opt, params
-    return results
+        runs[name] = opt.step
+    return runs
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=4, help="blocks of sana_1600m in the slice (of 20)")
-    parser.add_argument("--iters", type=int, default=5, help="timed updates per optimizer (after a warm-up)")
+    parser.add_argument("--blocks", type=int, default=2, help="blocks of sana_1600m in the slice (of 20)")
+    parser.add_argument("--iters", type=int, default=7, help="timed updates per optimizer (after a warm-up)")
     parser.add_argument("--tiny", action="store_true", help="the tiny config (a smoke test, for tests/)")
     parser.add_argument("--no-torch", action="store_true", help="skip the came_pytorch / torch AdamW anchor")
     parser.add_argument("--optimizers", nargs="+", choices=list(JAX_OPTIMIZERS), default=list(JAX_OPTIMIZERS),
@@ -131,17 +138,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     params, grads = random_tree(shapes, 0), random_tree(shapes, 1)
     common = {"bench": "came_update", "config": cfg.name, "blocks": cfg.depth, "params": n,
               "device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})",
-              "jax": jax.__version__, "optax": optax.__version__}
-    rows = [{**common, "optimizer": name, "framework": f"jax {jax.__version__}",
-             **time_jax(make, params, grads, args.iters)} for name, make in JAX_OPTIMIZERS.items() if name in chosen]
-    del params, grads
+              "jax": jax.__version__, "optax": optax.__version__, "iters": args.iters}
+    runs, compile_s = {}, {}
+    for name, make in JAX_OPTIMIZERS.items():
+        if name in chosen:
+            runs[name], compile_s[name] = prepare_jax(make, params, grads)
+            print(f"# compiled {name} in {compile_s[name]:.1f} s", file=sys.stderr, flush=True)
+    del params, grads  # each optimizer holds its own donated copy
+    rows = [{**common, "optimizer": name, "framework": f"jax {jax.__version__}", "compile_s": compile_s[name],
+             **timing} for name, timing in time_round_robin(runs, args.iters).items()]
+    del runs
     if not args.no_torch:
-        rows += [{**common, **row} for row in time_torch(shapes, args.iters)]
+        import torch
+
+        for name, timing in time_round_robin(torch_runs(shapes), args.iters).items():
+            rows.append({**common, "optimizer": name, "framework": f"torch {torch.__version__}",
+                         "torch_threads": torch.get_num_threads(), **timing})
     adamw = next(r["ms"] for r in rows if r["optimizer"] == "optax.adamw")
+    adamw_min = next(r["min_ms"] for r in rows if r["optimizer"] == "optax.adamw")
     torch_adamw = next((r["ms"] for r in rows if r["optimizer"] == "torch.optim.AdamW"), None)
     came_pt = next((r["ms"] for r in rows if r["optimizer"] == "came_pytorch.CAME"), None)
     for row in rows:
         row["ratio_vs_adamw"] = row["ms"] / adamw
+        row["min_ratio_vs_adamw"] = row["min_ms"] / adamw_min
         if torch_adamw is not None:
             row["ratio_vs_torch_adamw"] = row["ms"] / torch_adamw
         if came_pt is not None:

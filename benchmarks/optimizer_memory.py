@@ -64,8 +64,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} ({r['params'] / 1e9:.2f}B) | {r['optimizer']} | "
-                     f"{r['state_bytes_per_param']:.3f} | {r['state_bytes'] / GIB:.2f} | {r['total_bytes'] / GIB:.2f} | "
-                     f"{r['total_vs_adamw'] - 1:+.1%} |")
+                     f"{r['state_bytes_per_param']:.3f} | {r['state_bytes'] / GIB:.2f} | "
+                     f"{r['total_bytes'] / GIB:.2f} | {r['total_vs_adamw'] - 1:+.1%} |")
     return "\n".join(lines)
 
 

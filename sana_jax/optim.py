@@ -92,6 +92,10 @@ class LeafLayout:
     def factored(self) -> bool:
         return self.row_axis is not None
 
+    def is_8bit(self, min_8bit_size: int) -> bool:
+        """Whether CAME-8bit stores this parameter's m in uint8 (SANA: rows * cols > min_8bit_size, strict)."""
+        return self.quant_axis is not None and self.matrix_size > min_8bit_size
+
 
 def sana_stacked(names: PathNames) -> bool:
     """sana_jax's scanned blocks: every leaf under the top-level `blocks` key has a leading `layers` axis."""
@@ -103,15 +107,21 @@ def _no_stacking(names: PathNames) -> bool:
     return False
 
 
+def _matrix_layout(lead: int, row_axis: int, col_axis: int, shape: tuple[int, ...]) -> LeafLayout:
+    """A factored matrix whose m may be 8-bit, in blocks of rows."""
+    return LeafLayout(lead, row_axis=row_axis, col_axis=col_axis, quant_axis=row_axis,
+                      matrix_size=shape[row_axis] * shape[col_axis])
+
+
 def _sana_layout(names: PathNames, shape: tuple[int, ...], lead: int) -> LeafLayout:
     """SANA's `_get_options` and `_should_use_8bit` on flax layouts (Dense [in, out], conv HWIO)."""
     per_layer = shape[lead:]
     if len(per_layer) == 2 and names and names[-1] == "kernel":  # Dense kernel [in, out] = torch [out, in].T
-        return LeafLayout(lead, lead + 1, lead, lead + 1, per_layer[0] * per_layer[1])
+        return _matrix_layout(lead, row_axis=lead + 1, col_axis=lead, shape=shape)
     if len(per_layer) == 2:  # e.g. scale_shift_table [6, D]: same layout as torch
-        return LeafLayout(lead, lead, lead + 1, lead, per_layer[0] * per_layer[1])
+        return _matrix_layout(lead, row_axis=lead, col_axis=lead + 1, shape=shape)
     if len(per_layer) == 4 and per_layer[:2] == (1, 1):  # 1x1 conv HWIO [1, 1, in, out] = torch [out, in, 1, 1]
-        return LeafLayout(lead, lead + 3, lead + 2, lead + 3, per_layer[2] * per_layer[3])
+        return _matrix_layout(lead, row_axis=lead + 3, col_axis=lead + 2, shape=shape)
     return LeafLayout(lead)  # 1-D, 3x3 / depthwise convs, 3-D: full second moment, no confidence step
 
 
@@ -121,15 +131,14 @@ def _last_two_layout(names: PathNames, shape: tuple[int, ...], lead: int) -> Lea
     per_layer = shape[lead:]
     if len(per_layer) < 2:
         return LeafLayout(lead)
-    ndim = len(shape)
     # SANA's 8-bit rule on torch layouts: 2-D, or 4-D [O, I, 1, 1]; blocks of rows along dim 0.
     is_matrix = len(per_layer) == 2 or (len(per_layer) == 4 and per_layer[2:] == (1, 1))
-    quant_axis = lead if is_matrix else None
-    size = per_layer[0] * per_layer[1] if is_matrix else 0
-    return LeafLayout(lead, ndim - 2, ndim - 1, quant_axis, size)
+    return LeafLayout(lead, row_axis=len(shape) - 2, col_axis=len(shape) - 1, quant_axis=lead if is_matrix else None,
+                      matrix_size=per_layer[0] * per_layer[1] if is_matrix else 0)
 
 
-def _path_names(path) -> PathNames:
+def path_names(path) -> PathNames:
+    """A jax key path as plain strings, e.g. ("blocks", "attn", "qkv", "kernel")."""
     names = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -162,11 +171,7 @@ def leaf_layout(names: PathNames, shape: Sequence[int], factorization: Factoriza
 def leaf_layouts(params, factorization: Factorization = "sana", stacked: StackedFn | None = None):
     """A tree like `params` of LeafLayout (works on arrays or ShapeDtypeStructs, e.g. `abstract_params`)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: leaf_layout(_path_names(path), p.shape, factorization, stacked), params)
-
-
-def _uses_8bit(layout: LeafLayout, min_8bit_size: int) -> bool:
-    return layout.quant_axis is not None and layout.matrix_size > min_8bit_size
+        lambda path, p: leaf_layout(path_names(path), p.shape, factorization, stacked), params)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,15 +193,16 @@ def _block_stat_shape(shape: tuple[int, ...], layout: LeafLayout, block_size: in
 def _block_reduce(x: Array, layout: LeafLayout, block_size: int, reduce) -> Array:
     """min or max of every block of rows of x (per layer), in the shape of `_block_stat_shape`."""
     axis, lead = layout.quant_axis, layout.layer_axes
+    # First per row (the one pass over x), then per block on that small [*layers, rows] vector.
+    per_row = reduce(x, axis=tuple(a for a in range(lead, x.ndim) if a != axis), keepdims=True)
     rows = x.shape[axis]
     n_blocks = _num_blocks(rows, block_size)
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, n_blocks * block_size - rows)
     # Edge padding repeats the last row, which belongs to the ragged last block: its min/max do not change.
-    blocked = jnp.pad(x, pad, mode="edge")
-    blocked = blocked.reshape(x.shape[:axis] + (n_blocks, block_size) + x.shape[axis + 1:])
-    per_layer = [a for a in range(lead, blocked.ndim) if a != axis]  # everything but layers and the block index
-    return reduce(blocked, axis=tuple(per_layer)).reshape(_block_stat_shape(x.shape, layout, block_size))
+    per_row = jnp.pad(per_row, pad, mode="edge")
+    blocked = per_row.reshape(per_row.shape[:axis] + (n_blocks, block_size) + per_row.shape[axis + 1:])
+    return reduce(blocked, axis=axis + 1)
 
 
 def _rows_of_blocks(stat: Array, rows: int, layout: LeafLayout, block_size: int) -> Array:
@@ -295,9 +301,11 @@ def _placeholder() -> Array:
 def _init_stats(param, layout: LeafLayout) -> tuple[Array, Array, Array, Array, Array]:
     """(v_row, v_col, v, r_row, r_col) zeros for one leaf."""
     if layout.factored:
-        row = _zeros_like_keepdims(param, layout.col_axis)  # indexed by rows: the column axis is reduced
-        col = _zeros_like_keepdims(param, layout.row_axis)
-        return row, col, _placeholder(), row, col
+        # Indexed by rows: the column axis is reduced, and vice versa. Four separate arrays (not one shared
+        # zeros buffer), so a jitted step may donate the state.
+        row = lambda: _zeros_like_keepdims(param, layout.col_axis)  # noqa: E731
+        col = lambda: _zeros_like_keepdims(param, layout.row_axis)  # noqa: E731
+        return row(), col(), _placeholder(), row(), col()
     return _placeholder(), _placeholder(), jnp.zeros_like(param, dtype=jnp.float32), _placeholder(), _placeholder()
 
 
@@ -420,7 +428,7 @@ def _check_learning_rate(learning_rate) -> None:
 def _flatten(tree) -> tuple[list[PathNames], list, Any]:
     """(path names, leaves, treedef) of a params-like tree."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [_path_names(path) for path, _ in with_path], [leaf for _, leaf in with_path], treedef
+    return [path_names(path) for path, _ in with_path], [leaf for _, leaf in with_path], treedef
 
 
 def _unzip(treedef, per_leaf: list[tuple], n: int) -> list:
@@ -499,7 +507,7 @@ def scale_by_came_8bit(
     min_8bit_size = _static_int("min_8bit_size", min_8bit_size, 0)
 
     def init_mu(param, layout):
-        if not _uses_8bit(layout, min_8bit_size):
+        if not layout.is_8bit(min_8bit_size):
             return jnp.zeros_like(param, dtype=jnp.float32), _placeholder(), _placeholder()
         stat_shape = _block_stat_shape(tuple(param.shape), layout, block_size)
         return (jnp.zeros_like(param, dtype=jnp.uint8), jnp.zeros(stat_shape, jnp.float32),
@@ -519,7 +527,7 @@ def scale_by_came_8bit(
         out = []
         for name, g, mu, mu_min, mu_scale, *stats in zip(names, grads, *fields):
             layout = leaf_layout(name, g.shape, factorization, stacked)
-            quantized = _uses_8bit(layout, min_8bit_size)
+            quantized = layout.is_8bit(min_8bit_size)
             if quantized:
                 mu = dequantize_blocks(mu, mu_min, mu_scale, layout, block_size)
             direction, mu, stats = _came_leaf(g, mu, tuple(stats), layout, hp)
@@ -562,6 +570,9 @@ def came(
       mask: optax mask (tree of bools or a callable on params) of the leaves that weight decay applies to.
     Returns:
       optax.chain(scale_by_came, add_decayed_weights, scale_by_learning_rate).
+
+    Under optax.inject_hyperparams every callable argument is taken for a schedule: list a `stacked` predicate
+    or a callable `mask` in static_args.
     """
     direction = scale_by_came(b1, b2, b3, eps, clip_threshold, factorization, stacked)
     return _with_lr_and_decay(direction, learning_rate, weight_decay, mask)
@@ -649,6 +660,7 @@ def state_axes(tx: optax.GradientTransformation, params, param_axes):
 
 __all__ = [
     "LeafLayout", "ScaleByCameState", "ScaleByCame8bitState", "came", "came_8bit", "dequantize_blocks",
-    "leaf_layout", "leaf_layouts", "quantize_blocks", "sana_stacked", "scale_by_came", "scale_by_came_8bit",
+    "leaf_layout", "leaf_layouts", "path_names", "quantize_blocks", "sana_stacked", "scale_by_came",
+    "scale_by_came_8bit",
     "state_axes",
 ]

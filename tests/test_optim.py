@@ -108,6 +108,13 @@ def _run(tx, params, grads_at, steps: int = _STEPS):
         yield k, params, state
 
 
+def _assert_within(name: str, err: float, link: str) -> None:
+    """An error already measured (e.g. the worst over a trajectory) against the table, logged like assert_close."""
+    tol = TOLERANCES[link]
+    print(f"{name:<60} rel {err:.3e}  (tol {tol:.0e}, {link})")
+    assert err <= tol, f"{name}: {err:.3e} > {tol:.0e} ({link})"
+
+
 def _came_inner(state):
     """The ScaleByCame(8bit)State inside came()'s chain state."""
     return state[0]
@@ -123,7 +130,7 @@ def test_came_matches_original_every_step(came_fixture):
             ref, out = tensors[f"came.param.{k}.{name}"], _to_torch(name, _leaf(params, name))
             worst[name] = max(worst.get(name, 0.0), relative_error(ref, out))
     for name, err in worst.items():
-        assert_close(f"came {name} (worst of {_STEPS} steps)", 0, err, "came_fp32")
+        _assert_within(f"came {name} (worst of {_STEPS} steps)", err, "came_fp32")
 
     # Final state, with the statistics mapped back to torch's orientation (rows = dim 0 = output features).
     inner = _came_inner(state)
@@ -180,7 +187,7 @@ def test_came_8bit_matches_original_every_step(came_fixture):
             worst[name] = max(worst.get(name, 0.0), err)
     for name, err in worst.items():
         link = "came8bit_flip" if name in _EIGHT_BIT else "came_fp32"
-        assert_close(f"came8bit {name} (worst of {_STEPS} steps, {most_off.get(name, 0)} flip sites)", 0, err, link)
+        _assert_within(f"came8bit {name} (worst of {_STEPS} steps, {most_off.get(name, 0)} flip sites)", err, link)
 
     inner = _came_inner(state)
     for name in _EIGHT_BIT:
@@ -230,7 +237,7 @@ def test_stacked_layers_do_not_mix(came_fixture, eight_bit):
             worst[name] = max(worst.get(name, 0.0), err)
     for name, err in worst.items():
         link = "came8bit_flip" if eight_bit and name in _EIGHT_BIT else "came_fp32"
-        assert_close(f"{kind} blocks layer 0 {name} (worst of {_STEPS} steps)", 0, err, link)
+        _assert_within(f"{kind} blocks layer 0 {name} (worst of {_STEPS} steps)", err, link)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,7 +354,7 @@ def test_8bit_zero_state_and_constant_gradients_stay_finite():
 
 
 def _named_leaves(tree) -> dict:
-    return {"/".join(optim._path_names(path)): leaf
+    return {"/".join(optim.path_names(path)): leaf
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, P))}
 
 
@@ -366,32 +373,36 @@ def test_sana_layouts_on_the_real_param_tree():
         else:
             assert layout.factored, name
             assert layout.row_axis == (layout.layer_axes if "scale_shift_table" in name else len(shape) - 1), name
-    eight_bit = sorted(n for n, lay in layouts.items() if optim._uses_8bit(lay, 16384))
+    eight_bit = sorted(n for n, lay in layouts.items() if lay.is_8bit(16384))
     assert "blocks/attn/qkv/kernel" in eight_bit and "x_embedder/kernel" in eight_bit  # 2240 * 32 = 71680
     assert "blocks/scale_shift_table" not in eight_bit  # 6 * 2240 = 13440 <= 16384
     assert "final_layer/linear/kernel" in eight_bit  # 2240 * 32
 
 
 def test_state_axes_drop_reduced_axes():
+    """Specs of every state leaf from the params' logical axes: kept where the state has the param's size."""
     model = sana_jax.SanaTransformer(sana_jax.configs.get("sana_1600m"))
     params, axes = sana_jax.abstract_params(model), sana_jax.logical_axes(model)
     specs = optim.state_axes(optim.came_8bit(1e-4), params, axes)
     inner = _came_inner(specs)
-    qkv = ("blocks", "attn", "qkv", "kernel")  # [layers, embed, heads]
-    get = lambda tree: tree["blocks"]["attn"]["qkv"]["kernel"]  # noqa: E731
+    get = lambda tree: tree["blocks"]["attn"]["qkv"]["kernel"]  # noqa: E731  [layers, embed, heads]
     assert get(inner.mu) == P("layers", "embed", "heads")
     assert get(inner.v_row) == P("layers", None, "heads")  # rows = output features; the input axis is reduced
     assert get(inner.v_col) == P("layers", "embed", None)
     assert get(inner.mu_min) == P("layers", None, None)  # [20, 1, 4]: 6720 rows in 4 blocks of 2048
     assert get(inner.v) == P()  # placeholder
     assert inner.v["blocks"]["mlp"]["depth_conv"]["kernel"] == P("layers", None, None, None, "mlp")
-    assert inner.count == P() and qkv
-    # Every spec fits its leaf, and AdamW's moments shard exactly like the params.
-    abstract = jax.eval_shape(optim.came_8bit(1e-4).init, params)
-    for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)), jax.tree.leaves(abstract)):
+    assert inner.count == P()
+    # One spec per state leaf, each fitting its leaf; AdamW's moments and MultiSteps' sums shard like the params.
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    state_leaves = jax.tree.leaves(jax.eval_shape(optim.came_8bit(1e-4).init, params))
+    assert len(spec_leaves) == len(state_leaves)
+    for spec, leaf in zip(spec_leaves, state_leaves):
         assert len(spec) <= leaf.ndim
     adam_specs = optim.state_axes(optax.adamw(1e-4), params, axes)
     assert adam_specs[0].mu == axes and adam_specs[0].nu == axes
+    multi = optim.state_axes(optax.MultiSteps(optim.came(1e-4), 4), params, axes)
+    assert multi.acc_grads == axes and get(_came_inner(multi.inner_opt_state).v_row) == P("layers", None, "heads")
 
 
 _SHARDED_CHECK = "import tests.test_optim as t; t._sharded_check()"
@@ -401,6 +412,8 @@ def _sharded_check():
     """Runs in a subprocess with 8 simulated CPU devices: jitted CAME-8bit on the tiny sana_jax param tree
     sharded fsdp 4 x tensor 2 (state shardings from optim.state_axes) vs the same steps on one device.
 
+    To keep compile time down the tree is the scanned `blocks` plus one leaf of each other kind (t_block: an
+    unstacked 8-bit Dense; x_embedder: a 1x1 conv; final_layer: an unstacked table and a small Dense).
     CAME-8bit covers CAME's code too: with min_8bit_size 4096 the tree has uint8 first moments (qkv, kv_linear,
     1x1 convs, t_block) next to fp32 ones (proj and q_linear at exactly 64 * 64, tables, biases, depthwise)."""
     import flax.linen as nn
@@ -411,10 +424,11 @@ def _sharded_check():
     rng = np.random.default_rng(0)
     random_like = lambda tree: jax.tree.map(  # noqa: E731
         lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), tree)
-    params = random_like(sana_jax.abstract_params(model))
+    kept = ("blocks", "t_block", "x_embedder", "final_layer")
+    params = random_like({k: v for k, v in sana_jax.abstract_params(model).items() if k in kept})
     mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
     rules = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("modulation", "tensor"))
-    param_axes = sana_jax.logical_axes(model)
+    param_axes = {k: v for k, v in sana_jax.logical_axes(model).items() if k in kept}
     to_mesh = lambda specs: nn.logical_to_mesh_sharding(specs, mesh, rules)  # noqa: E731
     grads = [random_like(params) for _ in range(2)]
     report = {}
@@ -436,7 +450,8 @@ def _sharded_check():
             sh_p, sh_s = sharded_step(sh_p, sh_s, jax.device_put(g, p_sh))
         qkv_mu = _came_inner(sh_s).mu["blocks"]["attn"]["qkv"]["kernel"]
         qkv_row = _came_inner(sh_s).v_row["blocks"]["attn"]["qkv"]["kernel"]
-        assert qkv_mu.dtype == jnp.uint8 and _came_inner(sh_s).mu["blocks"]["attn"]["proj"]["kernel"].dtype == jnp.float32
+        assert qkv_mu.dtype == jnp.uint8
+        assert _came_inner(sh_s).mu["blocks"]["attn"]["proj"]["kernel"].dtype == jnp.float32
         assert isinstance(qkv_mu.sharding, NamedSharding) and qkv_mu.sharding.spec == P(None, "fsdp", "tensor")
         assert qkv_row.sharding.spec == P(None, None, "tensor")
         assert len({s.data.shape for s in qkv_mu.addressable_shards}) == 1
@@ -459,8 +474,10 @@ def test_sharded_state_matches_single_device():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1].splitlines()[0])
     for name, errors in report.items():
-        assert_close(f"{name} params, 8 devices vs 1", 0, errors["params"], "came_sharded")
-        assert_close(f"{name} fp32 state, 8 devices vs 1", 0, errors["state_fp32"], "came_sharded")
+        _assert_within(f"{name} params, 8 devices vs 1", errors["params"], "came_sharded")
+        _assert_within(f"{name} fp32 state, 8 devices vs 1", errors["state_fp32"], "came_sharded")
+        # A code may round the other way where a sharded mean moved m by an ulp at a half-quantum (see
+        # _flip_aware_check); the params, which used the fp32 m, still agree to came_sharded.
         assert errors["state_uint8_max_diff"] <= 1, errors
 
 
@@ -494,9 +511,18 @@ def _assert_trees_close(name, ref, out, link="came_fp32"):
 
 def test_jit_equals_eager():
     """Op-by-op dispatch and one XLA program agree (CAME-8bit: its fp32 leaves run CAME's code)."""
-    params, grads = _small_problem(steps=2)
+    params, grads = _small_problem(steps=1)
     tx = optim.came_8bit(1e-2, block_size=8, min_8bit_size=100)
     _assert_trees_close("eager vs jit", _final(tx, params, grads, jit=False)[0], _final(tx, params, grads)[0])
+
+
+def test_eager_init_state_can_be_donated():
+    """Every state leaf is its own buffer, so `jax.jit(step, donate_argnums=...)` accepts an eager `init`."""
+    params, grads = _small_problem(steps=1)
+    for tx in (optim.came(1e-2), optim.came_8bit(1e-2, block_size=8, min_8bit_size=100)):
+        state = tx.init(params)
+        assert len({id(x) for x in jax.tree.leaves(state)}) == len(jax.tree.leaves(state))
+        _, state = jax.jit(tx.update, donate_argnums=(1,))(grads[0], state, params)
 
 
 def test_inject_hyperparams_and_schedules():
@@ -529,6 +555,17 @@ def test_multisteps_and_chain():
     clipped = optax.chain(optax.clip_by_global_norm(0.1), optim.came_8bit(1e-2, block_size=8, min_8bit_size=100))
     out, _ = _final(clipped, params, grads)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out))
+
+
+def test_weight_decay_is_decoupled_and_masked():
+    """Zero gradients leave only the decay: p (1 - lr wd) where the mask is True, p elsewhere."""
+    params, _ = _small_problem(steps=0)
+    mask = {"blocks": {"fc": {"kernel": True, "bias": False}}, "conv": {"kernel": True}}
+    zeros = [jax.tree.map(jnp.zeros_like, params)]
+    out, _ = _final(optim.came(0.1, weight_decay=0.5, mask=mask), params, zeros)
+    np.testing.assert_allclose(out["blocks"]["fc"]["kernel"], params["blocks"]["fc"]["kernel"] * 0.95, rtol=1e-6)
+    np.testing.assert_array_equal(out["blocks"]["fc"]["bias"], params["blocks"]["fc"]["bias"])
+    np.testing.assert_allclose(out["conv"]["kernel"], params["conv"]["kernel"] * 0.95, rtol=1e-6)
 
 
 def test_bf16_params_keep_fp32_state():
