@@ -436,6 +436,78 @@ def _unzip(treedef, per_leaf: list[tuple], n: int) -> list:
     return [treedef.unflatten([t[i] for t in per_leaf]) for i in range(n)]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fp32Moment:
+    """CAME's first moment m stored as is: one fp32 state leaf per parameter."""
+
+    n_fields = 1  # state leaves per parameter
+
+    def init(self, param, layout: LeafLayout) -> tuple[Array, ...]:
+        del layout
+        return (jnp.zeros_like(param, dtype=jnp.float32),)
+
+    def load(self, stored: Sequence[Array], layout: LeafLayout) -> Array:
+        del layout
+        return stored[0]
+
+    def store(self, mu: Array, layout: LeafLayout) -> tuple[Array, ...]:
+        del layout
+        return (mu,)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockwiseUint8Moment:
+    """SANA-1.5's m: (uint8 codes, block min, block scale) for 8-bit parameters, (fp32 m, placeholder,
+    placeholder) for the others."""
+
+    block_size: int
+    min_8bit_size: int
+    n_fields = 3  # state leaves per parameter
+
+    def init(self, param, layout: LeafLayout) -> tuple[Array, ...]:
+        if not layout.is_8bit(self.min_8bit_size):
+            return jnp.zeros_like(param, dtype=jnp.float32), _placeholder(), _placeholder()
+        stat_shape = _block_stat_shape(tuple(param.shape), layout, self.block_size)
+        return (jnp.zeros_like(param, dtype=jnp.uint8), jnp.zeros(stat_shape, jnp.float32),
+                jnp.zeros(stat_shape, jnp.float32))
+
+    def load(self, stored: Sequence[Array], layout: LeafLayout) -> Array:
+        if not layout.is_8bit(self.min_8bit_size):
+            return stored[0]
+        return dequantize_blocks(*stored, layout, self.block_size)
+
+    def store(self, mu: Array, layout: LeafLayout) -> tuple[Array, ...]:
+        if not layout.is_8bit(self.min_8bit_size):
+            return mu, _placeholder(), _placeholder()
+        return quantize_blocks(mu, layout, self.block_size)
+
+
+def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | None, moment, state_cls):
+    """The GradientTransformation of both variants; `moment` says how m is stored, `state_cls` names the fields."""
+
+    def init_fn(params):
+        names, leaves, treedef = _flatten(params)
+        layouts = [leaf_layout(n, p.shape, factorization, stacked) for n, p in zip(names, leaves)]
+        mus = [moment.init(p, layout) for p, layout in zip(leaves, layouts)]
+        stats = [_init_stats(p, layout) for p, layout in zip(leaves, layouts)]
+        return state_cls(jnp.zeros([], jnp.int32), *_unzip(treedef, mus, moment.n_fields), *_unzip(treedef, stats, 5))
+
+    def update_fn(updates, state, params=None):
+        del params
+        names, grads, treedef = _flatten(updates)
+        fields = [treedef.flatten_up_to(tree) for tree in state[1:]]
+        out = []
+        for name, g, *leaf_fields in zip(names, grads, *fields):
+            layout = leaf_layout(name, g.shape, factorization, stacked)
+            stored_mu, stats = leaf_fields[:moment.n_fields], tuple(leaf_fields[moment.n_fields:])
+            direction, mu, stats = _came_leaf(g, moment.load(stored_mu, layout), stats, layout, hp)
+            out.append((direction.astype(g.dtype), *moment.store(mu, layout), *stats))
+        new = _unzip(treedef, out, 1 + moment.n_fields + 5)
+        return new[0], state_cls(optax.safe_increment(state.count), *new[1:])
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def scale_by_came(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -461,27 +533,7 @@ def scale_by_came(
     """
     hp = _check_hyper(b1, b2, b3, eps, clip_threshold)
     _check_factorization(factorization)
-
-    def init_fn(params):
-        names, leaves, treedef = _flatten(params)
-        layouts = [leaf_layout(n, p.shape, factorization, stacked) for n, p in zip(names, leaves)]
-        mu = [jnp.zeros_like(p, dtype=jnp.float32) for p in leaves]
-        stats = [_init_stats(p, layout) for p, layout in zip(leaves, layouts)]
-        return ScaleByCameState(jnp.zeros([], jnp.int32), treedef.unflatten(mu), *_unzip(treedef, stats, 5))
-
-    def update_fn(updates, state, params=None):
-        del params
-        names, grads, treedef = _flatten(updates)
-        fields = [treedef.flatten_up_to(tree) for tree in state[1:]]
-        out = []
-        for name, g, mu, *stats in zip(names, grads, *fields):
-            layout = leaf_layout(name, g.shape, factorization, stacked)
-            direction, mu, stats = _came_leaf(g, mu, tuple(stats), layout, hp)
-            out.append((direction.astype(g.dtype), mu, *stats))
-        new = _unzip(treedef, out, 7)
-        return new[0], ScaleByCameState(optax.safe_increment(state.count), *new[1:])
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _came_transformation(hp, factorization, stacked, _Fp32Moment(), ScaleByCameState)
 
 
 def scale_by_came_8bit(
@@ -503,41 +555,9 @@ def scale_by_came_8bit(
     """
     hp = _check_hyper(b1, b2, b3, eps, clip_threshold)
     _check_factorization(factorization)
-    block_size = _static_int("block_size", block_size, 1)
-    min_8bit_size = _static_int("min_8bit_size", min_8bit_size, 0)
-
-    def init_mu(param, layout):
-        if not layout.is_8bit(min_8bit_size):
-            return jnp.zeros_like(param, dtype=jnp.float32), _placeholder(), _placeholder()
-        stat_shape = _block_stat_shape(tuple(param.shape), layout, block_size)
-        return (jnp.zeros_like(param, dtype=jnp.uint8), jnp.zeros(stat_shape, jnp.float32),
-                jnp.zeros(stat_shape, jnp.float32))
-
-    def init_fn(params):
-        names, leaves, treedef = _flatten(params)
-        layouts = [leaf_layout(n, p.shape, factorization, stacked) for n, p in zip(names, leaves)]
-        mus = [init_mu(p, layout) for p, layout in zip(leaves, layouts)]
-        stats = [_init_stats(p, layout) for p, layout in zip(leaves, layouts)]
-        return ScaleByCame8bitState(jnp.zeros([], jnp.int32), *_unzip(treedef, mus, 3), *_unzip(treedef, stats, 5))
-
-    def update_fn(updates, state, params=None):
-        del params
-        names, grads, treedef = _flatten(updates)
-        fields = [treedef.flatten_up_to(tree) for tree in state[1:]]
-        out = []
-        for name, g, mu, mu_min, mu_scale, *stats in zip(names, grads, *fields):
-            layout = leaf_layout(name, g.shape, factorization, stacked)
-            quantized = layout.is_8bit(min_8bit_size)
-            if quantized:
-                mu = dequantize_blocks(mu, mu_min, mu_scale, layout, block_size)
-            direction, mu, stats = _came_leaf(g, mu, tuple(stats), layout, hp)
-            if quantized:
-                mu, mu_min, mu_scale = quantize_blocks(mu, layout, block_size)
-            out.append((direction.astype(g.dtype), mu, mu_min, mu_scale, *stats))
-        new = _unzip(treedef, out, 9)
-        return new[0], ScaleByCame8bitState(optax.safe_increment(state.count), *new[1:])
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    moment = _BlockwiseUint8Moment(_static_int("block_size", block_size, 1),
+                                   _static_int("min_8bit_size", min_8bit_size, 0))
+    return _came_transformation(hp, factorization, stacked, moment, ScaleByCame8bitState)
 
 
 def _with_lr_and_decay(direction: optax.GradientTransformation, learning_rate, weight_decay, mask):
@@ -661,6 +681,5 @@ def state_axes(tx: optax.GradientTransformation, params, param_axes):
 __all__ = [
     "LeafLayout", "ScaleByCameState", "ScaleByCame8bitState", "came", "came_8bit", "dequantize_blocks",
     "leaf_layout", "leaf_layouts", "path_names", "quantize_blocks", "sana_stacked", "scale_by_came",
-    "scale_by_came_8bit",
-    "state_axes",
+    "scale_by_came_8bit", "state_axes",
 ]
