@@ -164,7 +164,8 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
     with open(path, "wb"):
         pass
     mode = stat.S_IMODE(os.stat(path).st_mode)
-    save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, path, metadata=metadata)
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d, e.g. BatchNorm counters).
+    save_file({key: np.require(value, requirements="C") for key, value in tensors.items()}, path, metadata=metadata)
     os.chmod(path, mode)
 
 

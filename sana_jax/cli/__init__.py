@@ -13,7 +13,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on an embedded default: train a small SANA on coloured "
                                        "shapes, resume, sample, measure conditioning, export, check parity")
     demo.add_argument("--out", default="outputs/demo", help="folder for data, checkpoints, PNGs and the report")
-    demo.add_argument("--steps", type=int, default=1200, help="optimizer steps (half before the resume)")
+    demo.add_argument("--steps", type=int, default=600, help="optimizer steps (half before the resume)")
 
     chain = sub.add_parser("parity-demo", help="convert-and-parity chain on random tiny SANA models of every kind")
     chain.add_argument("--out", default="outputs/parity-demo", help="folder for exports, report.json and PNGs")

@@ -32,7 +32,7 @@ SHAPES_MODEL = SanaConfig(name="shapes_demo", in_channels=48, out_channels=48, h
 TARGET_ACCURACY = 0.8
 
 
-def demo_config(out_dir: str, steps: int = 1200) -> TrainConfig:
+def demo_config(out_dir: str, steps: int = 600) -> TrainConfig:
     return TrainConfig(model=SHAPES_MODEL, flow=FlowConfig(shift=1.0, caption_dropout=0.1),
                        optim=OptimConfig(name="came", lr=2e-4, warmup_steps=100, clip_grad_norm=1.0),
                        data_dir=os.path.join(out_dir, "data"), out_dir=os.path.join(out_dir, "run"),
@@ -74,7 +74,7 @@ def grid_png(images: np.ndarray, labels: list[str], path: str, columns: int) -> 
     canvas.save(path)
 
 
-def run_demo(out_dir: str, steps: int = 1200, samples_per_caption: int = 2, num_examples: int = 4096) -> int:
+def run_demo(out_dir: str, steps: int = 600, samples_per_caption: int = 2, num_examples: int = 4096) -> int:
     os.makedirs(out_dir, exist_ok=True)
     cfg = demo_config(out_dir, steps)
     if not os.path.exists(os.path.join(cfg.data_dir, "index.json")):
