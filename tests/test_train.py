@@ -98,19 +98,35 @@ def test_bad_configs_fail_before_compiling(cache, tmp_path):
         train(tiny_config(cache, tmp_path / "b", mesh=MeshConfig(data=3)))
 
 
-def test_resume_is_exact(cache, tmp_path):
-    straight = train(tiny_config(cache, tmp_path / "straight"), progress=False)
+def resume_config(cache, out_dir) -> TrainConfig:
+    return tiny_config(cache, out_dir, optim=OptimConfig(name="came", lr=1e-3, warmup_steps=2, clip_grad_norm=0.1,
+                                                         ema_decay=0.9))
+
+
+def test_resume_is_exact_and_the_run_exports(cache, tmp_path):
+    straight = train(resume_config(cache, tmp_path / "straight"), progress=False)
     assert len(straight.losses) == 6 and all(np.isfinite(v) for _, v in straight.losses)
     assert os.path.exists(tmp_path / "straight" / "loss.png")
     assert any(name.startswith("events") for name in os.listdir(tmp_path / "straight" / "tensorboard"))
 
-    cfg = tiny_config(cache, tmp_path / "resumed")
+    cfg = resume_config(cache, tmp_path / "resumed")
     killed = train(cfg, stop_after=3, progress=False)
     assert [s for s, _ in killed.losses] == [1, 2, 3]
     resumed = train(cfg, progress=False)
     assert resumed.losses == straight.losses  # bit-exact: same data, same randomness, restored optimizer state
-    for a, b in zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(resumed.state.params)):
+    for a, b in zip(jax.tree.leaves((straight.state.params, straight.state.ema)),
+                    jax.tree.leaves((resumed.state.params, resumed.state.ema))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    import sana_jax
+    from sana_jax.cli import main
+
+    for ema, tree in ((False, straight.state.params), (True, straight.state.ema)):
+        dest = tmp_path / f"export-ema{ema}.safetensors"
+        assert main(["export", str(tmp_path / "straight"), str(dest), "--to", "official"] + ["--ema"] * ema) == 0
+        _, exported = sana_jax.load_pretrained(str(dest), config=MODEL)
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(exported)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_checkpoint_of_another_model_is_refused(cache, tmp_path):

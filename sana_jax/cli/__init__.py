@@ -27,6 +27,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="override one field, e.g. --set optim.lr=2e-5 --set data_dir=/data/cache")
     train.add_argument("--init", help="start from these weights (official, diffusers or sana-jax checkpoint)")
 
+    export = sub.add_parser("export", help="export a training run's checkpoint to the official, diffusers or "
+                                           "sana-jax layout")
+    export.add_argument("run", help="the train out_dir (or its checkpoints/ folder)")
+    export.add_argument("dest", help="output path (file for official, folder for diffusers / sana-jax)")
+    export.add_argument("--to", required=True, choices=["official", "diffusers", "sana-jax"])
+    export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights")
+    export.add_argument("--overwrite", action="store_true")
+
     convert = sub.add_parser("convert", help="convert a checkpoint between official, diffusers and sana-jax formats")
     convert.add_argument("source", help="official .pth/.safetensors, diffusers folder, or sana-jax export folder")
     convert.add_argument("dest", help="output path (file for official, folder for diffusers / sana-jax)")
@@ -66,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from sana_jax.cli.demo import run_demo
 
         return run_demo(args.out, seed=args.seed)
+    if args.command == "export":
+        from sana_jax.cli.commands import run_export
+
+        return run_export(args)
     if args.command == "train":
         from sana_jax.cli.commands import run_train
 

@@ -84,3 +84,18 @@ def run_train(args) -> int:
     print(f"trained to step {result.losses[-1][0] if result.losses else 0}: loss "
           f"{result.losses[-1][1] if result.losses else float('nan'):.4f}; outputs in {result.out_dir}")
     return 0
+
+
+def run_export(args) -> int:
+    from sana_conversion import export_diffusers, export_official, save_params
+    from sana_jax.train.export import load_run
+
+    cfg, params = load_run(args.run, args.step, args.ema)
+    model_cfg = cfg.model
+    if args.to == "diffusers" and model_cfg.logvar:  # diffusers has no logvar head
+        model_cfg = model_cfg.replace(logvar=False)
+        params = {k: v for k, v in params.items() if k != "logvar_linear"}
+    export = {"official": export_official, "diffusers": export_diffusers, "sana-jax": save_params}[args.to]
+    export(model_cfg, params, args.dest, overwrite=args.overwrite)
+    print(f"{args.run}{' (EMA)' if args.ema else ''} -> {args.dest} ({args.to})")
+    return 0

@@ -180,3 +180,13 @@ def load_config(recipe: str | None = None, path: str | None = None, overrides: l
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> TrainConfig:
+    """Inverse of to_dict (e.g. the config saved in a checkpoint's meta item); unknown keys raise."""
+    nested = {"model": SanaConfig, "flow": FlowConfig, "optim": OptimConfig, "mesh": MeshConfig}
+    kwargs = {k: (nested[k](**v) if k in nested else v) for k, v in values.items()}
+    try:
+        return TrainConfig(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"not a TrainConfig: {err}") from err
