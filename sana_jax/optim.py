@@ -190,25 +190,26 @@ def _block_stat_shape(shape: tuple[int, ...], layout: LeafLayout, block_size: in
     return tuple(out)
 
 
-def _block_reduce(x: Array, layout: LeafLayout, block_size: int, reduce) -> Array:
+def _block_of_row(rows: int, block_size: int) -> Array:
+    """[rows] int32: the block index of every row."""
+    return jnp.arange(rows, dtype=jnp.int32) // block_size
+
+
+def _block_reduce(x: Array, layout: LeafLayout, block_size: int, reduce, identity: float) -> Array:
     """min or max of every block of rows of x (per layer), in the shape of `_block_stat_shape`."""
     axis, lead = layout.quant_axis, layout.layer_axes
-    # First per row (the one pass over x), then per block on that small [*layers, rows] vector.
+    # First per row (the one pass over x), then per block on that small [*layers, rows] vector, through a
+    # [rows, n_blocks] membership mask rather than a pad and reshape of the row axis, which may be sharded.
     per_row = reduce(x, axis=tuple(a for a in range(lead, x.ndim) if a != axis), keepdims=True)
     rows = x.shape[axis]
-    n_blocks = _num_blocks(rows, block_size)
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, n_blocks * block_size - rows)
-    # Edge padding repeats the last row, which belongs to the ragged last block: its min/max do not change.
-    per_row = jnp.pad(per_row, pad, mode="edge")
-    blocked = per_row.reshape(per_row.shape[:axis] + (n_blocks, block_size) + per_row.shape[axis + 1:])
-    return reduce(blocked, axis=axis + 1)
+    member = _block_of_row(rows, block_size)[:, None] == jnp.arange(_num_blocks(rows, block_size))[None, :]
+    member = member.reshape((1,) * axis + member.shape + (1,) * (x.ndim - axis - 1))
+    return reduce(jnp.where(member, jnp.expand_dims(per_row, axis + 1), identity), axis=axis)
 
 
 def _rows_of_blocks(stat: Array, rows: int, layout: LeafLayout, block_size: int) -> Array:
     """Broadcast a per-block statistic back to one value per row (size `rows` at the quant axis)."""
-    repeated = jnp.repeat(stat, block_size, axis=layout.quant_axis)
-    return jax.lax.slice_in_dim(repeated, 0, rows, axis=layout.quant_axis)
+    return jnp.take(stat, _block_of_row(rows, block_size), axis=layout.quant_axis)
 
 
 def quantize_blocks(x: Array, layout: LeafLayout, block_size: int) -> tuple[Array, Array, Array]:
@@ -218,8 +219,8 @@ def quantize_blocks(x: Array, layout: LeafLayout, block_size: int) -> tuple[Arra
     (SANA divides 0/0 there and casts the NaN to 0), so it dequantises exactly to min, without a NaN.
     """
     rows = x.shape[layout.quant_axis]
-    block_min = _block_reduce(x, layout, block_size, jnp.min)
-    block_max = _block_reduce(x, layout, block_size, jnp.max)
+    block_min = _block_reduce(x, layout, block_size, jnp.min, jnp.inf)
+    block_max = _block_reduce(x, layout, block_size, jnp.max, -jnp.inf)
     scale = (block_max - block_min) / 255.0
     row_min = _rows_of_blocks(block_min, rows, layout, block_size)
     row_scale = _rows_of_blocks(scale, rows, layout, block_size)

@@ -410,7 +410,9 @@ _SHARDED_CHECK = "import tests.test_optim as t; t._sharded_check()"
 
 def _sharded_check():
     """Runs in a subprocess with 8 simulated CPU devices: jitted CAME-8bit on the tiny sana_jax param tree
-    sharded fsdp 4 x tensor 2 (state shardings from optim.state_axes) vs the same steps on one device.
+    sharded fsdp 4 x tensor 2 (state shardings from optim.state_axes) vs the same steps on one device, on an
+    Auto mesh (jit places by in/out shardings) and on an Explicit one (shardings are part of the types, the
+    default of jax.make_mesh).
 
     To keep compile time down the tree is the scanned `blocks` plus one leaf of each other kind (t_block: an
     unstacked 8-bit Dense; x_embedder: a 1x1 conv; final_layer: an unstacked table and a small Dense).
@@ -426,28 +428,30 @@ def _sharded_check():
         lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), tree)
     kept = ("blocks", "t_block", "x_embedder", "final_layer")
     params = random_like({k: v for k, v in sana_jax.abstract_params(model).items() if k in kept})
-    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
     rules = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("modulation", "tensor"))
     param_axes = {k: v for k, v in sana_jax.logical_axes(model).items() if k in kept}
-    to_mesh = lambda specs: nn.logical_to_mesh_sharding(specs, mesh, rules)  # noqa: E731
     grads = [random_like(params) for _ in range(2)]
+    tx = optim.came_8bit(1e-3, weight_decay=1e-2, block_size=16, min_8bit_size=4096)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    single_p, single_s, single_step = params, jax.jit(tx.init)(params), jax.jit(step)
+    for g in grads:
+        single_p, single_s = single_step(single_p, single_s, g)
+
     report = {}
-    for name, tx in (("came8bit", optim.came_8bit(1e-3, weight_decay=1e-2, block_size=16, min_8bit_size=4096)),):
-        def step(params, state, grads):
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
-
-        single_p, single_s, single_step = params, jax.jit(tx.init)(params), jax.jit(step)
-        for g in grads:
-            single_p, single_s = single_step(single_p, single_s, g)
-
-        p_sh = to_mesh(param_axes)
-        s_sh = to_mesh(optim.state_axes(tx, params, param_axes))
-        sharded_step = jax.jit(step, in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
-        sh_p = jax.device_put(params, p_sh)
-        sh_s = jax.jit(tx.init, in_shardings=(p_sh,), out_shardings=s_sh)(sh_p)
-        for g in grads:
-            sh_p, sh_s = sharded_step(sh_p, sh_s, jax.device_put(g, p_sh))
+    for mode in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(mode,) * 2)
+        p_sh = nn.logical_to_mesh_sharding(param_axes, mesh, rules)
+        s_sh = nn.logical_to_mesh_sharding(optim.state_axes(tx, params, param_axes), mesh, rules)
+        with jax.set_mesh(mesh):
+            sharded_step = jax.jit(step, in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
+            sh_p = jax.device_put(params, p_sh)
+            sh_s = jax.jit(tx.init, in_shardings=(p_sh,), out_shardings=s_sh)(sh_p)
+            for g in grads:
+                sh_p, sh_s = sharded_step(sh_p, sh_s, jax.device_put(g, p_sh))
         qkv_mu = _came_inner(sh_s).mu["blocks"]["attn"]["qkv"]["kernel"]
         qkv_row = _came_inner(sh_s).v_row["blocks"]["attn"]["qkv"]["kernel"]
         assert qkv_mu.dtype == jnp.uint8
@@ -456,7 +460,7 @@ def _sharded_check():
         assert qkv_row.sharding.spec == P(None, None, "tensor")
         assert len({s.data.shape for s in qkv_mu.addressable_shards}) == 1
         assert qkv_mu.addressable_shards[0].data.shape == (2, 16, 96)  # really split 4 x 2, not replicated
-        report[name] = {
+        report[mode.name] = {
             "params": max(relative_error(a, b) for a, b in zip(jax.tree.leaves(single_p), jax.tree.leaves(sh_p))),
             "state_fp32": max(relative_error(a, b) for a, b in zip(jax.tree.leaves(single_s), jax.tree.leaves(sh_s))
                               if a.dtype == jnp.float32),
@@ -474,8 +478,8 @@ def test_sharded_state_matches_single_device():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1].splitlines()[0])
     for name, errors in report.items():
-        _assert_within(f"{name} params, 8 devices vs 1", errors["params"], "came_sharded")
-        _assert_within(f"{name} fp32 state, 8 devices vs 1", errors["state_fp32"], "came_sharded")
+        _assert_within(f"came8bit params, 8 devices ({name} mesh) vs 1", errors["params"], "came_sharded")
+        _assert_within(f"came8bit fp32 state, 8 devices ({name} mesh) vs 1", errors["state_fp32"], "came_sharded")
         # A code may round the other way where a sharded mean moved m by an ulp at a half-quantum (see
         # _flip_aware_check); the params, which used the fp32 m, still agree to came_sharded.
         assert errors["state_uint8_max_diff"] <= 1, errors
