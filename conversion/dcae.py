@@ -392,25 +392,13 @@ def _read_json(path: str) -> dict:
 
 def read_diffusers(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json, state_dict) of an AutoencoderDC folder or of a pipeline folder's vae/."""
-    # The transformer's reader of sharded safetensors indices serves any diffusers model folder.
-    from sana_conversion.diffusers import _read_sharded
+    # The transformer's reader serves any diffusers model folder (single file, sharded index or torch .bin).
+    from sana_conversion.diffusers import read_model_weights
 
     folder = find_diffusers_folder(path)
     if folder is None:
         raise ValueError(f"{path}: no {CONFIG_NAME} with _class_name {CLASS_NAME!r} here or in vae/")
-    config_json = _read_json(os.path.join(folder, CONFIG_NAME))
-    single, index = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, WEIGHTS_NAME + ".index.json")
-    torch_bin = os.path.join(folder, "diffusion_pytorch_model.bin")
-    if os.path.isfile(single):
-        state_dict, _ = read_safetensors(single)
-    elif os.path.isfile(index):
-        state_dict = _read_sharded(index)
-    elif os.path.isfile(torch_bin):
-        state_dict = tensors_to_numpy(read_torch(torch_bin))
-    else:
-        raise ValueError(f"{folder}: no {WEIGHTS_NAME}, its .index.json or diffusion_pytorch_model.bin "
-                         f"(found: {sorted(os.listdir(folder))})")
-    return config_json, state_dict
+    return _read_json(os.path.join(folder, CONFIG_NAME)), read_model_weights(folder)
 
 
 def read_weights_file(path: str) -> dict[str, np.ndarray]:

@@ -268,18 +268,21 @@ def read_diffusers(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         raise ValueError(f"{path}: no {CONFIG_NAME} with _class_name {CLASS_NAME!r} here or in transformer/")
     with open(os.path.join(folder, CONFIG_NAME)) as f:
         config_json = json.load(f)
+    return config_json, read_model_weights(folder)
+
+
+def read_model_weights(folder: str) -> dict[str, np.ndarray]:
+    """The weights of any diffusers model folder: one safetensors file, a sharded index, or a torch .bin."""
     single, index = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, WEIGHTS_INDEX_NAME)
     torch_bin = os.path.join(folder, "diffusion_pytorch_model.bin")
     if os.path.isfile(single):
-        state_dict, _ = read_safetensors(single)
-    elif os.path.isfile(index):
-        state_dict = _read_sharded(index)
-    elif os.path.isfile(torch_bin):
-        state_dict = tensors_to_numpy(read_torch(torch_bin))
-    else:
-        raise ValueError(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or diffusion_pytorch_model.bin "
-                         f"(found: {sorted(os.listdir(folder))})")
-    return config_json, state_dict
+        return read_safetensors(single)[0]
+    if os.path.isfile(index):
+        return _read_sharded(index)
+    if os.path.isfile(torch_bin):
+        return tensors_to_numpy(read_torch(torch_bin))
+    raise ValueError(f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or diffusion_pytorch_model.bin "
+                     f"(found: {sorted(os.listdir(folder))})")
 
 
 def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
