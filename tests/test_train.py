@@ -154,17 +154,35 @@ def sharded_test_config(cache, out_dir, **changes) -> TrainConfig:
                        optim=OptimConfig(name="came", lr=1e-4, warmup_steps=2, clip_grad_norm=0.1), **changes)
 
 
-def test_eight_simulated_devices_match_one(cache, tmp_path):
+def run_on_eight_devices(cache, out_dir) -> list:
+    """Train (or resume) sharded_test_config on 8 simulated devices (data 2 x fsdp 4) in a subprocess."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _SHARDED_RUN, cache, str(tmp_path / "sharded")], env=env,
+    out = subprocess.run([sys.executable, "-c", _SHARDED_RUN, cache, str(out_dir)], env=env,
                          cwd=root, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    sharded = json.loads(out.stdout.strip().splitlines()[-1])
-    single = train(sharded_test_config(cache, tmp_path / "single"), progress=False).losses
-    assert [s for s, _ in sharded] == [s for s, _ in single]
-    assert_close("8-device vs 1-device loss trajectory", np.array([v for _, v in single]),
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(cache, tmp_path_factory):
+    return train(sharded_test_config(cache, tmp_path_factory.mktemp("single")), progress=False).losses
+
+
+def test_eight_simulated_devices_match_one(cache, tmp_path, single_device_losses):
+    sharded = run_on_eight_devices(cache, tmp_path / "sharded")
+    assert [s for s, _ in sharded] == [s for s, _ in single_device_losses]
+    assert_close("8-device vs 1-device loss trajectory", np.array([v for _, v in single_device_losses]),
                  np.array([v for _, v in sharded]), "sharded_fp32")
+
+
+def test_resume_onto_another_mesh(cache, tmp_path, single_device_losses):
+    """Half the run on 1 device, the rest restored onto a data 2 x fsdp 4 mesh of 8 devices."""
+    train(sharded_test_config(cache, tmp_path / "run"), stop_after=5, progress=False)
+    resumed = run_on_eight_devices(cache, tmp_path / "run")
+    assert [s for s, _ in resumed] == [s for s, _ in single_device_losses]
+    assert_close("1 -> 8 device resume vs 1-device trajectory", np.array([v for _, v in single_device_losses]),
+                 np.array([v for _, v in resumed]), "sharded_fp32")
 
 
 def test_main_job_runs_end_to_end(tmp_path):
