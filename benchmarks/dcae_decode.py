@@ -22,23 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-
-def median_ms(fn, sync, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        sync(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_ms  # noqa: E402
 
 
 def emit(record: dict) -> None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 # torch shares the GPU in this run: keep JAX from reserving its default 75% of the memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
@@ -29,6 +27,9 @@ import numpy as np  # noqa: E402
 from sana_conversion import gemma2 as g2  # noqa: E402
 from sana_jax import text  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_ms  # noqa: E402
+
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (DESIGN.md)
 
 
@@ -39,17 +40,6 @@ def flops(cfg: text.Gemma2Config, batch: int, length: int) -> float:
     per_token = c * n * d * 2 + c * k * d * 2 + 3 * c * f  # q and o, k and v, gate/up/down
     attention = 2 * n * length * d  # QK^T and PV per query token
     return 2.0 * batch * length * cfg.num_hidden_layers * (per_token + attention)
-
-
-def median_ms(fn, sync, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        sync(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

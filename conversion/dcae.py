@@ -307,14 +307,9 @@ def config_from_diffusers(config_json: Mapping, name: str = "diffusers", **overr
     accept but silently treat otherwise (a down-sampler other than pixel_unshuffle / Conv, an up-sampler other
     than pixel_shuffle / interpolate) and "layer_norm" (not meaningful on NCHW maps there) are refused.
     """
-    class_name = config_json.get("_class_name", CLASS_NAME)
-    if class_name != CLASS_NAME:
-        raise ValueError(f"config.json is for {class_name!r}, not {CLASS_NAME!r}")
-    given = {key: value for key, value in config_json.items() if not key.startswith("_")}
-    unknown = sorted(set(given) - set(_DIFFUSERS_DEFAULTS))
-    if unknown:
-        raise ValueError(f"config.json has fields this converter does not know: {unknown}")
-    c = {**_DIFFUSERS_DEFAULTS, **given}
+    from sana_conversion.diffusers import config_fields
+
+    c = config_fields(config_json, CLASS_NAME, _DIFFUSERS_DEFAULTS)
     n_enc, n_dec = len(c["encoder_block_out_channels"]), len(c["decoder_block_out_channels"])
 
     def per_stage(key, n):

@@ -196,6 +196,19 @@ def diffusers_config(cfg: SanaConfig) -> dict:
     }
 
 
+def config_fields(config_json: Mapping, class_name: str, defaults: Mapping) -> dict:
+    """A diffusers model config.json over the class's constructor defaults; another class or a field the
+    converter does not know raises (a silently ignored field would change the model)."""
+    found = config_json.get("_class_name", class_name)
+    if found != class_name:
+        raise ValueError(f"config.json is for {found!r}, not {class_name!r}")
+    given = {key: value for key, value in config_json.items() if not key.startswith("_")}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"config.json has fields this converter does not know: {unknown}")
+    return {**defaults, **given}
+
+
 def config_from_diffusers(config_json: Mapping, **overrides) -> SanaConfig:
     """SanaConfig of a SanaTransformer2DModel config.json; `overrides` replace fields (e.g. compute_dtype).
 
@@ -203,14 +216,7 @@ def config_from_diffusers(config_json: Mapping, **overrides) -> SanaConfig:
     defaults: `model_max_length`, `flow_shift`, the SanaMS eps (see the module docstring), `name="diffusers"`.
     Values SanaMS has no counterpart for (attention bias, affine norms, dropout, other norm types) are refused.
     """
-    class_name = config_json.get("_class_name", CLASS_NAME)
-    if class_name != CLASS_NAME:
-        raise ValueError(f"config.json is for {class_name!r}, not {CLASS_NAME!r}")
-    given = {key: value for key, value in config_json.items() if not key.startswith("_")}
-    unknown = sorted(set(given) - set(_DIFFUSERS_DEFAULTS))
-    if unknown:
-        raise ValueError(f"config.json has fields this converter does not know: {unknown}")
-    c = {**_DIFFUSERS_DEFAULTS, **given}
+    c = config_fields(config_json, CLASS_NAME, _DIFFUSERS_DEFAULTS)
     if c["out_channels"] is None:  # diffusers: out_channels or in_channels
         c["out_channels"] = c["in_channels"]
     fixed = {"dropout": 0.0, "attention_bias": False, "norm_elementwise_affine": False, "norm_eps": 1e-6}
