@@ -1,7 +1,13 @@
 """Timing shared by the benchmark scripts (each script puts this folder on sys.path, also when imported)."""
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+
+PEAK_FLOPS = 989e12  # H100/H200 dense bf16 (DESIGN.md); MFU = analytic FLOPs / time / this
 
 
 def median_ms(fn, sync, warmup: int, iters: int) -> float:
@@ -14,3 +20,37 @@ def median_ms(fn, sync, warmup: int, iters: int) -> float:
         sync(fn())
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def run_child(script: str, args: list[str], env: dict | None = None, timeout: float | None = None):
+    """Run `python script *args` and yield the JSON objects it prints, one per line, as they come.
+
+    Each framework of a benchmark runs in its own child so that neither holds GPU memory while the other is
+    measured (JAX's allocator and torch's caching allocator never give memory back). A child that dies yields
+    one {"error": ...} record with the tail of its stderr.
+    """
+    child_env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", **(env or {}))
+    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=child_env)
+    start = time.monotonic()
+    for line in proc.stdout:
+        if line.startswith("{"):
+            yield json.loads(line)
+        if timeout is not None and time.monotonic() - start > timeout:
+            proc.kill()
+            yield {"error": f"{os.path.basename(script)} {' '.join(args)}: killed after {timeout:.0f} s"}
+            return
+    stderr = proc.stderr.read()
+    if proc.wait() != 0:
+        yield {"error": f"{os.path.basename(script)} {' '.join(args)} exited {proc.returncode}: "
+                        + " | ".join(stderr.strip().splitlines()[-3:])}
+
+
+def xla_program_bytes(compiled) -> int | None:
+    """XLA's own account of a compiled program's device memory: arguments + outputs + temporaries - aliased
+    (donated) buffers. This is what the program holds at its peak; JAX has no per-call peak counter."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)

@@ -11,9 +11,11 @@ from typing import Literal
 
 ComputeDtype = Literal["float32", "bfloat16", "float16", "float64"]
 RematPolicy = Literal["none", "full", "dots_saveable"]
+AttentionImpl = Literal["auto", "xla", "cudnn"]
 
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _REMAT_POLICIES = ("none", "full", "dots_saveable")
+_ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,10 @@ class SanaConfig:
     compute_dtype: ComputeDtype = "float32"  # activations and matmul inputs; params stay fp32. float64 is for
     # parity checks of gradients (needs jax_enable_x64): it removes fp32 rounding from the comparison.
     remat_policy: RematPolicy = "none"  # per scanned block: keep all / recompute all / keep matmul outputs
+    # Cross-attention kernel. "xla": einsums + fp32 softmax, any backend and dtype. "cudnn": cuDNN flash attention
+    # (CUDA GPUs, bf16/fp16 compute; logits stay fp32 inside the kernel, the [B, H, N, L] probabilities are never
+    # stored). "auto": cudnn when the default backend is a CUDA GPU and compute_dtype is 16-bit, else xla.
+    attention_impl: AttentionImpl = "auto"
 
     def __post_init__(self):
         def fail(msg):
@@ -68,6 +74,10 @@ class SanaConfig:
             fail(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.remat_policy not in _REMAT_POLICIES:
             fail(f"remat_policy must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.attention_impl not in _ATTENTION_IMPLS:
+            fail(f"attention_impl must be one of {_ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.attention_impl == "cudnn" and self.compute_dtype not in ("bfloat16", "float16"):
+            fail(f"attention_impl='cudnn' needs a bfloat16 or float16 compute_dtype, got {self.compute_dtype!r}")
         if self.logvar and not self.guidance_embeds:
             fail("logvar=True is a Sprint head and needs guidance_embeds=True")
 

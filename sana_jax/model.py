@@ -39,6 +39,16 @@ def matmul_precision(cfg: SanaConfig) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if wide else jax.lax.Precision.DEFAULT
 
 
+def resolve_attention_impl(cfg: SanaConfig) -> str:
+    """The cross-attention kernel `cfg.attention_impl` stands for on this process's default backend."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    sixteen_bit = cfg.compute_dtype in ("bfloat16", "float16")
+    head_dim_ok = cfg.cross_head_dim % 8 == 0 and cfg.cross_head_dim <= 128  # cuDNN flash attention's limits
+    cuda = jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
+    return "cudnn" if sixteen_bit and head_dim_ok and cuda else "xla"
+
+
 def t2i_modulate(x: Array, shift: Array, scale: Array) -> Array:
     return x * (1 + scale) + shift
 
@@ -200,11 +210,16 @@ class CrossAttention(nn.Module):
             k = RMSNorm(cfg.cross_norm_eps, name="k_norm")(k)
         h, d = cfg.num_cross_heads, cfg.cross_head_dim
         q, k, v = q.reshape(b, n, h, d), k.reshape(b, -1, h, d), v.reshape(b, -1, h, d)
-        precision = matmul_precision(cfg)
-        logits = jnp.einsum("bnhd,blhd->bhnl", q, k, precision=precision).astype(accum_dtype(q.dtype)) / math.sqrt(d)
-        weights = jax.nn.softmax(logits + mask_bias[:, None, None, :], axis=-1).astype(v.dtype)  # [B, H, N, L]
-        out = jnp.einsum("bhnl,blhd->bnhd", weights, v, precision=precision).reshape(b, n, c)
-        return Linear(c, cfg, ("heads", "embed"), name="proj")(out)
+        if resolve_attention_impl(cfg) == "cudnn":
+            # cuDNN takes the additive mask as a full [B, 1, N, L] bias in the activation dtype.
+            bias = jnp.broadcast_to(mask_bias[:, None, None, :].astype(q.dtype), (b, 1, n, k.shape[1]))
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0 / math.sqrt(d), implementation="cudnn")
+        else:
+            precision = matmul_precision(cfg)
+            logits = jnp.einsum("bnhd,blhd->bhnl", q, k, precision=precision).astype(accum_dtype(q.dtype))
+            weights = jax.nn.softmax(logits / math.sqrt(d) + mask_bias[:, None, None, :], axis=-1)  # [B, H, N, L]
+            out = jnp.einsum("bhnl,blhd->bnhd", weights.astype(v.dtype), v, precision=precision)
+        return Linear(c, cfg, ("heads", "embed"), name="proj")(out.reshape(b, n, c))
 
 
 class Conv1x1(nn.Module):

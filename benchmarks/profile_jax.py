@@ -1,0 +1,108 @@
+"""Where the time of a JAX transformer forward or training step goes, kernel by kernel (GPU).
+
+Runs the same programs as benchmarks/transformer.py (its `forward` / `train` set-up) under `jax.profiler.trace`
+with a Perfetto trace, then sums the device kernels by name. Prints one JSON line per kernel name among the top
+`--top` (total ms per call, share of device time, launches per call) and one line of totals by category
+(matmul libraries, fusions, copies, other), so a change can be predicted and checked against the breakdown.
+
+GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/profile_jax.py forward --model sana_600m --batch 32
+CPU:  python benchmarks/profile_jax.py forward --tiny   (host threads only; a smoke test of the plumbing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    if any(k in lowered for k in ("gemm", "cublas", "cutlass", "nvjet", "sm90_xmma", "matmul", "dot")):
+        return "matmul"
+    if any(k in lowered for k in ("flash", "fmha", "cudnn", "attention")):
+        return "attention"
+    if "fusion" in lowered or "triton" in lowered:
+        return "fusion"
+    if "copy" in lowered or "memcpy" in lowered or "memset" in lowered:
+        return "copy"
+    return "other"
+
+
+def device_events(trace_dir: str) -> list[dict]:
+    """Complete events of the device (GPU) timelines of the newest Perfetto trace under trace_dir."""
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    # GPU kernels sit under "/device:GPU:N" processes; without a GPU (smoke test) take the XLA ops of the host.
+    pids = {pid for pid, name in names.items() if "/device:" in name} or \
+        {pid for pid, name in names.items() if "/host:CPU" in name}
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
+
+
+def main(argv=None) -> int:
+    import jax
+
+    import transformer as bench
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", choices=["forward", "train"])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    parser.add_argument("--calls", type=int, default=5, help="profiled calls (after the timing warm-up)")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    case = dict(mode=args.mode, model=args.model or ("tiny" if args.tiny else "sana_600m"),
+                size=args.size or (64 if args.tiny else 1024), batch=args.batch or (2 if args.tiny else 32),
+                remat=args.remat, attention=args.attention, optimizer="came", warmup=2, iters=2)
+    setup = bench.jax_forward if args.mode == "forward" else bench.jax_train
+    captured = {}
+
+    def keep(fn, sync, warmup, iters):  # replaces median_ms: remember the call instead of timing it
+        captured["fn"], captured["sync"] = fn, sync
+        for _ in range(warmup):
+            sync(fn())
+        return 0.0
+
+    bench.median_ms = keep
+    setup(case)
+    trace_dir = tempfile.mkdtemp(prefix="sana-profile-")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(args.calls):
+            captured["sync"](captured["fn"]())
+    events = device_events(trace_dir)
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in events:
+        totals[e["name"]] += e["dur"] / 1e3 / args.calls
+        counts[e["name"]] += 1 / args.calls
+    device_ms = sum(totals.values())
+    base = {"bench": "profile", **{k: case[k] for k in ("mode", "model", "size", "batch")},
+            "device": jax.devices()[0].device_kind}
+    for name, ms in totals.most_common(args.top):
+        print(json.dumps({**base, "kernel": name[:160], "ms": round(ms, 3), "share": round(ms / device_ms, 4),
+                          "launches": round(counts[name], 1), "category": category(name)}))
+    by_category = collections.Counter()
+    for name, ms in totals.items():
+        by_category[category(name)] += ms
+    print(json.dumps({**base, "summary": True, "device_ms_per_call": round(device_ms, 3),
+                      "kernels_per_call": round(sum(counts.values()), 1),
+                      **{f"{k}_ms": round(v, 3) for k, v in by_category.most_common()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
