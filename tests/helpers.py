@@ -34,3 +34,20 @@ def assert_close(name: str, ref, out, link: str) -> float:
         raise AssertionError(f"{name}: max|diff|/max|ref| = {err:.3e} > {tol:.0e} ({link})")
     return err
 
+
+
+def save_tiny_tokenizer(path, corpus) -> str:
+    """A WordLevel tokenizer over `corpus` with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), BOS prepended by
+    its post processor, saved to `path` as a tokenizers-backed folder that AutoTokenizer loads offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(list(corpus), trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>",
+                                                                                     "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(path)
+    return str(path)

@@ -16,7 +16,7 @@ import torch
 
 import sana_jax
 from sana_jax import configs, pipeline
-from tests.helpers import assert_close
+from tests.helpers import assert_close, save_tiny_tokenizer
 
 # SANA's own eps values (LiteLA 1e-8, cross q/k norm 1e-6; diffusers hard-codes 1e-15 and 1e-5): their effect on
 # these outputs is ~1e-7 relative, far below the sampling tolerance, and one config for every test (and the CLI's
@@ -284,19 +284,9 @@ def test_prompt_strings_go_through_the_prompt_encoder(tiny, captions):
 
 def test_gemma_prompt_encoder_matches_sana_jax_text(tmp_path):
     """CHI and select index for prompts, neither for the negative prompt (SANA and diffusers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from sana_jax import text
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(list(text.SANA_CHI) + ["a red fox"],
-                            trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(tmp_path)
-    tokenizer = text.load_tokenizer(str(tmp_path))
+    tokenizer = text.load_tokenizer(save_tiny_tokenizer(tmp_path, list(text.SANA_CHI) + ["a red fox"]))
     encoder = text.Gemma2(text.TINY)
     params = sana_jax.perturb_params(jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
                                                             text.abstract_params(encoder)))

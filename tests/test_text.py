@@ -11,14 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import Gemma2Config as HFConfig
-from transformers import Gemma2ForCausalLM, Gemma2Model, PreTrainedTokenizerFast
+from transformers import Gemma2ForCausalLM, Gemma2Model
 
 from sana_conversion import gemma2 as g2
 from sana_conversion._tree import flatten, unflatten
 from sana_jax import text
-from tests.helpers import assert_close, relative_error
+from tests.helpers import assert_close, relative_error, save_tiny_tokenizer
 from tests.tolerances import TOLERANCES
 
 TINY = text.TINY
@@ -331,19 +330,11 @@ PROMPTS = ["A red FOX jumps over the lazy dog  ", "an astronaut riding a horse o
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    """A WordLevel tokenizer with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), BOS prepended by its post
-    processor, saved as a tokenizers-backed folder that AutoTokenizer loads offline."""
+    """The tiny WordLevel tokenizer (tests/helpers.py) over SANA's CHI and the prompts."""
     corpus = list(text.SANA_CHI) + [p.lower() for p in PROMPTS]
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                       special_tokens=[("<bos>", 2)])
-    assert tok.get_vocab_size() <= TINY.vocab_size
-    path = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(path)
-    return str(path)
+    path = save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), corpus)
+    assert len(text.load_tokenizer(path)) <= TINY.vocab_size
+    return path
 
 
 def test_tokenize_prompts_length_rule_and_select_index(tokenizer_dir):

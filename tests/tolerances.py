@@ -99,3 +99,10 @@ TOLERANCES.update({
     # The target; measured 1.2e-6 at lr 1e-4 (at lr 1e-3 the same noise grows to 1.6e-4 by step 9).
     "sharded_fp32": 1e-5,
 })
+TOLERANCES.update({
+    # sana-jax prepare's cache vs the test's own encoding of each image / caption, fp32, same weights: the cache
+    # encodes padded, batch-sharded batches, the test one image (or one shard's captions) at a time, so XLA's
+    # convolutions sum in another order. Measured 2.5e-7 to 4.2e-7 on the latents (1 and 4 CPU devices); the caption
+    # features come out bit-equal. The tiny_fp32 bound.
+    "prepare_fp32": 1e-5,
+})

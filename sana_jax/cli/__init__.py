@@ -27,6 +27,25 @@ def _parser() -> argparse.ArgumentParser:
                        help="override one field, e.g. --set optim.lr=2e-5 --set data_dir=/data/cache")
     train.add_argument("--init", help="start from these weights (official, diffusers or sana-jax checkpoint)")
 
+    prepare = sub.add_parser("prepare", help="build the training cache from an image folder with .txt captions "
+                                             "(DC-AE latents + Gemma-2 caption features, resumable)")
+    prepare.add_argument("images", help="folder of .png/.jpg/.jpeg/.webp images, each with a same-named .txt caption")
+    prepare.add_argument("out", help="cache folder (new, empty, or an interrupted run to continue)")
+    prepare.add_argument("--vae", required=True, help="DC-AE: a diffusers AutoencoderDC folder or an original "
+                                                      "mit-han-lab checkpoint")
+    prepare.add_argument("--text-encoder", required=True, help="Gemma-2 folder (Hugging Face weights + tokenizer)")
+    prepare.add_argument("--resolution", type=int, default=1024, choices=[512, 1024, 2048, 4096],
+                         help="aspect-ratio table the images are bucketed into (default 1024)")
+    prepare.add_argument("--batch-size", type=int, default=8, help="images per encoder call, split over the "
+                                                                   "local devices (default 8)")
+    prepare.add_argument("--shard-size", type=int, default=256, help="images per shard file (default 256)")
+    prepare.add_argument("--max-length", type=int, default=300, help="caption tokens L (SANA: 300)")
+    prepare.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                         help="compute dtype of both encoders; the cache is fp32 either way")
+    prepare.add_argument("--distributed", action="store_true",
+                         help="call jax.distributed.initialize() first (multi-host: each process encodes every "
+                              "process_count-th shard, process 0 writes the index)")
+
     export = sub.add_parser("export", help="export a training run's checkpoint to the official, diffusers or "
                                            "sana-jax layout")
     export.add_argument("run", help="the train out_dir (or its checkpoints/ folder)")
@@ -83,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from sana_jax.cli.commands import run_train
 
         return run_train(args)
+    if args.command == "prepare":
+        from sana_jax.cli.commands import run_prepare
+
+        return run_prepare(args)
     if args.command == "convert":
         from sana_jax.cli.commands import run_convert
 

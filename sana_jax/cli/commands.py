@@ -1,4 +1,4 @@
-"""`sana-jax convert` and `sana-jax parity`."""
+"""`sana-jax convert`, `parity`, `train`, `prepare` and `export`."""
 
 from __future__ import annotations
 
@@ -83,6 +83,31 @@ def run_train(args) -> int:
     result = train(cfg, init_params=params)
     print(f"trained to step {result.losses[-1][0] if result.losses else 0}: loss "
           f"{result.losses[-1][1] if result.losses else float('nan'):.4f}; outputs in {result.out_dir}")
+    return 0
+
+
+def run_prepare(args) -> int:
+    import os
+
+    import jax
+
+    from sana_jax.train.prepare import load_encoders, prepare_cache
+
+    if args.distributed:
+        jax.distributed.initialize()
+    vae, vae_params, encoder, encoder_params, tokenizer = load_encoders(args.vae, args.text_encoder, args.dtype)
+    result = prepare_cache(args.images, args.out, vae, vae_params, encoder, encoder_params, tokenizer,
+                           resolution=args.resolution, batch_size=args.batch_size, shard_size=args.shard_size,
+                           max_length=args.max_length,
+                           source={"vae": os.path.abspath(args.vae),
+                                   "text_encoder": os.path.abspath(args.text_encoder)})
+    print(f"{args.images} -> {args.out}: {len(result.written)} shard(s) written, {len(result.skipped)} already "
+          f"done ({result.images_encoded} images encoded)")
+    if result.index is not None:
+        rows = sum(s["count"] for s in result.index["shards"])
+        sizes = sorted({tuple(s["latent_hw"]) for s in result.index["shards"]})
+        print(f"cache complete: {rows} images in {len(result.index['shards'])} shard(s), latent sizes "
+              f"{', '.join(f'{h}x{w}' for h, w in sizes)}; train with --set data_dir={args.out}")
     return 0
 
 

@@ -6,10 +6,12 @@ On-disk format (`sana-jax-cache/1`), one folder:
   null.safetensors   y [L, C_cap] fp32 (the caption encoder's output for "", SANA's null caption), mask [L]
   shard-NNNNN.safetensors
                      latents [n, h, w, C] fp32 (already multiplied by the VAE scaling factor), y [n, L, C_cap]
-                     fp32, mask [n, L] int32; metadata "captions": JSON list of the n captions.
+                     fp32, mask [n, L] int32; metadata "captions": JSON list of the n captions (`sana-jax
+                     prepare` adds "images" and "settings", which make a shard self-describing for resuming).
 Every shard holds one latent size (an aspect-ratio bucket); a bucket may span many shards. Files are written
 atomically (temporary name, then rename), so an interrupted writer leaves whole shards only, and `index.json`
-is written last.
+is written last. `write_shard`, `write_null` and `write_index` are the one writing path: `write_cache` (examples
+in memory) and `sana_jax.train.prepare` (an image folder through the DC-AE and Gemma-2) both use them.
 
 Loading: grain MapDatasets over random-access row sources. Batch k of the run is a pure function of (seed, k):
 epoch e = k // batches_per_epoch shuffles the rows of each bucket and the order of the buckets' batches with
@@ -26,9 +28,10 @@ from collections.abc import Iterable
 import grain
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 FORMAT = "sana-jax-cache/1"
+_SAFETENSORS_DTYPES = {"float32": "F32", "int32": "I32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "uint8": "U8"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +42,87 @@ class Example:
     caption: str
 
 
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
 def _atomic_save(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file, written here rather than by `safetensors.numpy.save_file` so that equal contents give
+    equal bytes: the library keeps metadata in a hash map whose order changes from process to process, and a
+    resumed cache must be byte-identical to an uninterrupted one. Header: sorted keys, compact JSON, padded with
+    spaces to 8 bytes; tensors in name order, little-endian, C order (the safetensors layout)."""
+    arrays = {name: np.ascontiguousarray(value) for name, value in sorted(tensors.items())}
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, a in arrays.items():
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
     tmp = path + ".tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for a in arrays.values():
+            f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).data)
     os.replace(tmp, path)
+
+
+def _atomic_json(path: str, value: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_shard(out_dir: str, name: str, latents: np.ndarray, y: np.ndarray, mask: np.ndarray,
+                captions: list[str], metadata: dict[str, str] | None = None) -> dict:
+    """Write one shard atomically; returns its index entry {"file", "count", "latent_hw"}.
+
+    latents [n, h, w, C] (already x scaling_factor), y [n, L, C_cap], mask [n, L], n captions; `metadata`
+    adds string entries beside "captions" (sana-jax prepare records the image paths and its settings there).
+    """
+    n = len(captions)
+    if latents.ndim != 4 or y.ndim != 3 or mask.shape != y.shape[:2] or latents.shape[0] != n or y.shape[0] != n:
+        raise ValueError(f"{name}: expected latents [n, h, w, C], y [n, L, C_cap], mask [n, L] for n = {n} "
+                         f"captions, got {latents.shape}, {y.shape}, {mask.shape}")
+    meta = {"captions": json.dumps(list(captions))}
+    meta.update(metadata or {})
+    _atomic_save(os.path.join(out_dir, name), {"latents": np.asarray(latents, np.float32),
+                                               "y": np.asarray(y, np.float32),
+                                               "mask": np.asarray(mask, np.int32)}, meta)
+    return {"file": name, "count": n, "latent_hw": [int(latents.shape[1]), int(latents.shape[2])]}
+
+
+def read_shard_header(path: str) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(metadata, {tensor name: shape}) of a shard without reading its tensors."""
+    with safe_open(path, framework="np") as f:
+        return dict(f.metadata() or {}), {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def write_null(out_dir: str, null_y: np.ndarray, null_mask: np.ndarray, metadata: dict[str, str] | None = None):
+    """null.safetensors: y [L, C_cap] fp32 and mask [L] int32 of the null caption."""
+    _atomic_save(os.path.join(out_dir, "null.safetensors"), {"y": np.asarray(null_y, np.float32),
+                                                             "mask": np.asarray(null_mask, np.int32)}, metadata)
+
+
+def make_index(shards: list[dict], latent_channels: int, caption_channels: int, max_length: int,
+               scaling_factor: float, extra: dict | None = None) -> dict:
+    """The index.json contents for these shard entries; `extra` adds top-level keys (prepare's settings)."""
+    if not shards:
+        raise ValueError("no examples to write")
+    index = {"format": FORMAT, "latent_channels": int(latent_channels), "caption_channels": int(caption_channels),
+             "max_length": int(max_length), "scaling_factor": float(scaling_factor), "shards": list(shards)}
+    index.update(extra or {})
+    return index
+
+
+def write_index(out_dir: str, index: dict) -> dict:
+    """index.json, atomically; written last, after every shard and null.safetensors. Returns the index."""
+    _atomic_json(os.path.join(out_dir, "index.json"), index)
+    return index
 
 
 def write_cache(out_dir: str, examples: Iterable[Example], null_y: np.ndarray, null_mask: np.ndarray,
@@ -57,13 +137,9 @@ def write_cache(out_dir: str, examples: Iterable[Example], null_y: np.ndarray, n
 
     def flush(hw):
         batch = pending.pop(hw)
-        name = f"shard-{len(shards):05d}.safetensors"
-        _atomic_save(os.path.join(out_dir, name),
-                     {"latents": np.stack([e.latent for e in batch]).astype(np.float32),
-                      "y": np.stack([e.y for e in batch]).astype(np.float32),
-                      "mask": np.stack([e.mask for e in batch]).astype(np.int32)},
-                     {"captions": json.dumps([e.caption for e in batch])})
-        shards.append({"file": name, "count": len(batch), "latent_hw": list(hw)})
+        shards.append(write_shard(out_dir, shard_name(len(shards)), np.stack([e.latent for e in batch]),
+                                  np.stack([e.y for e in batch]), np.stack([e.mask for e in batch]),
+                                  [e.caption for e in batch]))
 
     for ex in examples:
         shape = (ex.latent.shape[-1], ex.y.shape[-1], ex.y.shape[0])
@@ -78,16 +154,8 @@ def write_cache(out_dir: str, examples: Iterable[Example], null_y: np.ndarray, n
         flush(hw)
     if not shards:
         raise ValueError("no examples to write")
-    _atomic_save(os.path.join(out_dir, "null.safetensors"), {"y": null_y.astype(np.float32),
-                                                            "mask": null_mask.astype(np.int32)})
-    c, c_cap, length = dims["shape"]
-    index = {"format": FORMAT, "latent_channels": c, "caption_channels": c_cap, "max_length": length,
-             "scaling_factor": scaling_factor, "shards": shards}
-    tmp = os.path.join(out_dir, "index.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "index.json"))
-    return index
+    write_null(out_dir, null_y, null_mask)
+    return write_index(out_dir, make_index(shards, *dims["shape"], scaling_factor))
 
 
 def read_index(data_dir: str) -> dict:
