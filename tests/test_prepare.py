@@ -19,7 +19,7 @@ import sana_jax
 from sana_jax import dcae, text
 from sana_jax.cli import main
 from sana_jax.train import prepare
-from sana_jax.train.data import Example, Loader, write_cache
+from sana_jax.train.data import RECORD_KEY, Example, Loader, read_shard_captions, read_shard_header, write_cache
 from tests.helpers import assert_close, save_tiny_tokenizer
 
 # A DC-AE with SANA's f = 32 (6 narrow stages, one block in each but the first), so the 512 px buckets encode in
@@ -101,8 +101,10 @@ def sana_transform(path, bucket) -> np.ndarray:
 
 
 def read_shard(path):
+    """(tensors, record): the record is the file's one metadata entry, parsed."""
     with safe_open(path, framework="np") as f:
-        return {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return tensors, read_shard_header(path)[0]
 
 
 def test_cache_matches_independent_encoding(baseline, models, image_dir):
@@ -118,10 +120,10 @@ def test_cache_matches_independent_encoding(baseline, models, image_dir):
         ("shard-00000.safetensors", 2, [11, 23]), ("shard-00001.safetensors", 3, [16, 16])]
     encode = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))
     for shard, names in zip(index["shards"], SHARDS):
-        tensors, metadata = read_shard(os.path.join(out, shard["file"]))
+        tensors, record = read_shard(os.path.join(out, shard["file"]))
         captions = [IMAGES[n][3].splitlines()[0].strip() if IMAGES[n][3] else "" for n in names]
-        assert json.loads(metadata["captions"]) == captions
-        assert json.loads(metadata["images"]) == names
+        assert record["captions"] == read_shard_captions(os.path.join(out, shard["file"])) == captions
+        assert record["images"] == names and record["settings"] == index["prepare"]
         for i, name in enumerate(names):
             image = sana_transform(os.path.join(image_dir, name), IMAGES[name][4])
             latent = np.asarray(encode(image[None]))[0] * VAE.scaling_factor
@@ -132,7 +134,8 @@ def test_cache_matches_independent_encoding(baseline, models, image_dir):
         assert tensors["latents"].dtype == tensors["y"].dtype == np.float32 and tensors["mask"].dtype == np.int32
     null_y, null_mask = text.encode_prompts(encoder, encoder_params, tokenizer, [""], chi=None,
                                             max_length=MAX_LENGTH)
-    null, _ = read_shard(os.path.join(out, "null.safetensors"))
+    null, null_record = read_shard(os.path.join(out, "null.safetensors"))
+    assert null_record == {"settings": index["prepare"]}
     assert_close("null y", null_y[0], null["y"], "prepare_fp32")
     np.testing.assert_array_equal(null_mask[0], null["mask"])
     batch = Loader(out, 2, seed=0).batch(0)  # the trainer's loader reads it
@@ -178,6 +181,63 @@ def test_processes_take_disjoint_shards_and_process_0_writes_the_index(baseline,
     assert folder_bytes(out) == folder_bytes(baseline[0])
 
 
+REWRITE_SHARD = """
+import sys
+from safetensors.numpy import load_file
+from sana_jax.train.data import read_shard_header, write_shard
+src, out_dir = sys.argv[1:]
+tensors, (record, _) = load_file(src), read_shard_header(src)
+captions = record.pop("captions")
+write_shard(out_dir, "shard.safetensors", tensors["latents"], tensors["y"], tensors["mask"], captions, record)
+"""
+
+
+def test_files_have_one_metadata_entry_and_the_same_bytes_in_every_process(baseline, tmp_path):
+    """safetensors keeps metadata in a hash map whose order changes from process to process; with one entry (the
+    record) the bytes are a function of the contents: a shard rewritten by `write_shard` in fresh processes with
+    different hash seeds is byte-identical to the one `prepare` wrote."""
+    out = baseline[0]
+    for name in ("null.safetensors", "shard-00000.safetensors", "shard-00001.safetensors"):
+        with safe_open(os.path.join(out, name), framework="np") as f:
+            assert list(f.metadata()) == [RECORD_KEY], name
+    src = os.path.join(out, "shard-00001.safetensors")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for seed in ("0", "1", "2"):
+        folder = tmp_path / seed
+        folder.mkdir()
+        done = subprocess.run([sys.executable, "-c", REWRITE_SHARD, src, str(folder)], cwd=root, capture_output=True,
+                              env=dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu"), text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (folder / "shard.safetensors").read_bytes() == open(src, "rb").read(), f"PYTHONHASHSEED={seed}"
+
+
+def test_a_version_1_cache_is_refused_naming_the_file(baseline, models, image_dir, tmp_path):
+    """sana-jax-cache/1 kept "captions", "images" and "settings" as separate metadata entries."""
+    from safetensors.numpy import save_file
+
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    for name in ("null.safetensors", "shard-00000.safetensors", "shard-00001.safetensors"):
+        tensors, record = read_shard(os.path.join(baseline[0], name))
+        save_file(tensors, str(v1 / name), metadata={k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+                                                     for k, v in record.items()})
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors: no 'sana-jax' record in its metadata \(entries "
+                                         r"\['captions', 'images', 'settings'\]\), so not a sana-jax-cache/2 file"):
+        read_shard_captions(str(v1 / "shard-00000.safetensors"))
+    # An interrupted version-1 run (no index yet): an error, not a silent recomputation.
+    with pytest.raises(ValueError, match=r"null.safetensors: no 'sana-jax' record .* so not a sana-jax-cache/2 file"):
+        prepare.prepare_cache(image_dir, str(v1), *models[:5], **KW)
+    # A finished one: its index names the format.
+    index = json.load(open(os.path.join(baseline[0], "index.json")))
+    (v1 / "index.json").write_text(json.dumps(dict(index, format="sana-jax-cache/1")))
+    with pytest.raises(ValueError, match=r"v1/index.json: format 'sana-jax-cache/1', expected 'sana-jax-cache/2'"):
+        Loader(str(v1), 2, seed=0)
+    with pytest.raises(ValueError, match=r"index.json: a cache of format 'sana-jax-cache/1', not 'sana-jax-cache/2'"):
+        prepare.prepare_cache(image_dir, str(v1), *models[:5], **KW)
+    assert sorted(os.listdir(v1)) == ["index.json", "null.safetensors", "shard-00000.safetensors",
+                                      "shard-00001.safetensors"]  # nothing rewritten
+
+
 def test_errors_name_the_file(models, image_dir, baseline, tmp_path):
     vae, vae_params, encoder, encoder_params, tokenizer, _ = models
     args = (vae, vae_params, encoder, encoder_params, tokenizer)
@@ -198,12 +258,12 @@ def test_errors_name_the_file(models, image_dir, baseline, tmp_path):
     other = tmp_path / "other_format"
     other.mkdir()
     (other / "index.json").write_text(json.dumps({"format": "webdataset/1"}))
-    with pytest.raises(ValueError, match=r"index.json: a cache of format 'webdataset/1', not 'sana-jax-cache/1'"):
+    with pytest.raises(ValueError, match=r"index.json: a cache of format 'webdataset/1', not 'sana-jax-cache/2'"):
         prepare.prepare_cache(image_dir, str(other), *args, **KW)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "features.npz").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"foreign: holds files that are not part of a sana-jax-cache/1 cache "
+    with pytest.raises(ValueError, match=r"foreign: holds files that are not part of a sana-jax-cache/2 cache "
                                          r"\(features.npz\)"):
         prepare.prepare_cache(image_dir, str(foreign), *args, **KW)
     in_memory = str(tmp_path / "in_memory")
@@ -246,9 +306,9 @@ def cli_args(image_dir, out, model_folders):
 
 def same_tensors(ref_dir, out_dir, link=None):
     for name in ("shard-00000.safetensors", "shard-00001.safetensors", "null.safetensors"):
-        ref, ref_meta = read_shard(os.path.join(ref_dir, name))
-        out, out_meta = read_shard(os.path.join(out_dir, name))
-        assert [ref_meta.get(k) for k in ("captions", "images")] == [out_meta.get(k) for k in ("captions", "images")]
+        ref, ref_record = read_shard(os.path.join(ref_dir, name))
+        out, out_record = read_shard(os.path.join(out_dir, name))
+        assert all(ref_record.get(k) == out_record.get(k) for k in ("captions", "images")), name
         for key in ref:
             if link is None or key == "mask":
                 np.testing.assert_array_equal(ref[key], out[key], err_msg=f"{name}:{key}")

@@ -1,13 +1,21 @@
 """The training cache: latents + caption embeddings + masks on disk, and a deterministic per-host loader.
 
-On-disk format (`sana-jax-cache/1`), one folder:
+On-disk format (`sana-jax-cache/2`), one folder:
   index.json         {"format", "latent_channels", "caption_channels", "max_length", "scaling_factor",
                       "shards": [{"file", "count", "latent_hw": [h, w]}, ...]}
-  null.safetensors   y [L, C_cap] fp32 (the caption encoder's output for "", SANA's null caption), mask [L]
+  null.safetensors   y [L, C_cap] fp32 (the caption encoder's output for "", SANA's null caption), mask [L] int32
   shard-NNNNN.safetensors
                      latents [n, h, w, C] fp32 (already multiplied by the VAE scaling factor), y [n, L, C_cap]
-                     fp32, mask [n, L] int32; metadata "captions": JSON list of the n captions (`sana-jax
-                     prepare` adds "images" and "settings", which make a shard self-describing for resuming).
+                     fp32, mask [n, L] int32
+Every .safetensors file is written by `safetensors.numpy.save_file` with exactly one metadata entry, "sana-jax":
+the file's record, a JSON object (keys sorted, compact). A shard's record holds "captions" (the n captions, in row
+order); `sana-jax prepare` adds "images" (the rows' image paths) and "settings" (its settings object), which make
+a shard self-describing for resuming. The null file's record is {} (prepare: {"settings"}). One entry, because
+safetensors keeps the metadata in a hash map whose order changes from process to process: with one entry the
+header, hence the file, is a function of the contents alone, and a resumed cache is byte-identical to an
+uninterrupted one. `read_shard_header` and `read_shard_captions` read records. (`sana-jax-cache/1` kept
+"captions", "images" and "settings" as separate metadata entries; its index and files are refused, naming the
+file.)
 Every shard holds one latent size (an aspect-ratio bucket); a bucket may span many shards. Files are written
 atomically (temporary name, then rename), so an interrupted writer leaves whole shards only, and `index.json`
 is written last. `write_shard`, `write_null` and `write_index` are the one writing path: `write_cache` (examples
@@ -28,10 +36,14 @@ from collections.abc import Iterable
 import grain
 import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
-FORMAT = "sana-jax-cache/1"
-_SAFETENSORS_DTYPES = {"float32": "F32", "int32": "I32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-                       "uint8": "U8"}
+FORMAT = "sana-jax-cache/2"
+RECORD_KEY = "sana-jax"  # the one metadata entry of every .safetensors file of the cache
+
+
+class CacheFormatError(ValueError):
+    """A cache file that is not of this FORMAT (e.g. written by an older sana-jax)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,27 +58,12 @@ def shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
 
 
-def _atomic_save(path: str, tensors: dict, metadata: dict | None = None) -> None:
-    """A safetensors file, written here rather than by `safetensors.numpy.save_file` so that equal contents give
-    equal bytes: the library keeps metadata in a hash map whose order changes from process to process, and a
-    resumed cache must be byte-identical to an uninterrupted one. Header: sorted keys, compact JSON, padded with
-    spaces to 8 bytes; tensors in name order, little-endian, C order (the safetensors layout)."""
-    arrays = {name: np.ascontiguousarray(value) for name, value in sorted(tensors.items())}
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name, a in arrays.items():
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype.name], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+def _atomic_save(path: str, tensors: dict[str, np.ndarray], record: dict) -> None:
+    """`safetensors.numpy.save_file` to a temporary name, then rename. The metadata is the one entry RECORD_KEY:
+    the record as JSON with sorted keys, so that equal contents give equal bytes in any process."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for a in arrays.values():
-            f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).data)
+    save_file({name: np.ascontiguousarray(a) for name, a in tensors.items()}, tmp,
+              metadata={RECORD_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"))})
     os.replace(tmp, path)
 
 
@@ -78,34 +75,63 @@ def _atomic_json(path: str, value: dict) -> None:
 
 
 def write_shard(out_dir: str, name: str, latents: np.ndarray, y: np.ndarray, mask: np.ndarray,
-                captions: list[str], metadata: dict[str, str] | None = None) -> dict:
+                captions: list[str], record: dict | None = None) -> dict:
     """Write one shard atomically; returns its index entry {"file", "count", "latent_hw"}.
 
-    latents [n, h, w, C] (already x scaling_factor), y [n, L, C_cap], mask [n, L], n captions; `metadata`
-    adds string entries beside "captions" (sana-jax prepare records the image paths and its settings there).
+    latents [n, h, w, C] (already x scaling_factor), y [n, L, C_cap], mask [n, L], n captions; `record` adds
+    JSON-able entries to the shard's record beside "captions" (sana-jax prepare: "images" and "settings").
     """
     n = len(captions)
     if latents.ndim != 4 or y.ndim != 3 or mask.shape != y.shape[:2] or latents.shape[0] != n or y.shape[0] != n:
         raise ValueError(f"{name}: expected latents [n, h, w, C], y [n, L, C_cap], mask [n, L] for n = {n} "
                          f"captions, got {latents.shape}, {y.shape}, {mask.shape}")
-    meta = {"captions": json.dumps(list(captions))}
-    meta.update(metadata or {})
+    if "captions" in (record or {}):
+        raise ValueError(f"{name}: the record's \"captions\" are the captions argument")
     _atomic_save(os.path.join(out_dir, name), {"latents": np.asarray(latents, np.float32),
                                                "y": np.asarray(y, np.float32),
-                                               "mask": np.asarray(mask, np.int32)}, meta)
+                                               "mask": np.asarray(mask, np.int32)},
+                 {"captions": list(captions), **(record or {})})
     return {"file": name, "count": n, "latent_hw": [int(latents.shape[1]), int(latents.shape[2])]}
 
 
-def read_shard_header(path: str) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """(metadata, {tensor name: shape}) of a shard without reading its tensors."""
+def read_shard_header(path: str) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(record, {tensor name: shape}) of a cache file (shard or null) without reading its tensors.
+
+    Raises CacheFormatError, naming the file, where the metadata holds no RECORD_KEY JSON object (a
+    `sana-jax-cache/1` file, or another program's); safetensors' own error where the file is not safetensors.
+    """
     with safe_open(path, framework="np") as f:
-        return dict(f.metadata() or {}), {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        metadata = dict(f.metadata() or {})
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if RECORD_KEY not in metadata:
+        raise CacheFormatError(f"{path}: no {RECORD_KEY!r} record in its metadata (entries {sorted(metadata)}), "
+                               f"so not a {FORMAT} file (sana-jax-cache/1 kept \"captions\", \"images\" and "
+                               "\"settings\" as entries of their own); rebuild the cache into a new folder")
+    try:
+        record = json.loads(metadata[RECORD_KEY])
+    except ValueError as e:
+        raise CacheFormatError(f"{path}: the {RECORD_KEY!r} metadata entry is not JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise CacheFormatError(f"{path}: the {RECORD_KEY!r} metadata entry is not a JSON object")
+    return record, shapes
 
 
-def write_null(out_dir: str, null_y: np.ndarray, null_mask: np.ndarray, metadata: dict[str, str] | None = None):
-    """null.safetensors: y [L, C_cap] fp32 and mask [L] int32 of the null caption."""
+def read_shard_captions(path: str) -> list[str]:
+    """The captions of a shard, one per row (checked against its tensors)."""
+    record, shapes = read_shard_header(path)
+    captions = record.get("captions")
+    rows = shapes.get("latents", (None,))[0]
+    if not isinstance(captions, list) or len(captions) != rows or not all(isinstance(c, str) for c in captions):
+        raise CacheFormatError(f"{path}: the record's \"captions\" should list {rows} strings (one per row of "
+                               f"latents), got {type(captions).__name__}"
+                               f"{f' of {len(captions)}' if isinstance(captions, list) else ''}")
+    return captions
+
+
+def write_null(out_dir: str, null_y: np.ndarray, null_mask: np.ndarray, record: dict | None = None):
+    """null.safetensors: y [L, C_cap] fp32 and mask [L] int32 of the null caption; `record` its record."""
     _atomic_save(os.path.join(out_dir, "null.safetensors"), {"y": np.asarray(null_y, np.float32),
-                                                             "mask": np.asarray(null_mask, np.int32)}, metadata)
+                                                             "mask": np.asarray(null_mask, np.int32)}, record or {})
 
 
 def make_index(shards: list[dict], latent_channels: int, caption_channels: int, max_length: int,
@@ -165,7 +191,8 @@ def read_index(data_dir: str) -> dict:
     with open(path) as f:
         index = json.load(f)
     if index.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
+        raise CacheFormatError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}; rebuild the cache "
+                               "into a new folder with this version (`sana-jax prepare` or the demo)")
     for shard in index["shards"]:
         if not os.path.exists(os.path.join(data_dir, shard["file"])):
             raise FileNotFoundError(f"{os.path.join(data_dir, shard['file'])}: listed in {path} but missing")

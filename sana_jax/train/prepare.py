@@ -1,4 +1,4 @@
-"""`sana-jax prepare`: an image folder with captions -> the training cache (`sana-jax-cache/1`, train/data.py).
+"""`sana-jax prepare`: an image folder with captions -> the training cache (`sana-jax-cache/2`, train/data.py).
 
 Input, SANA's convention (SanaImgDataset, diffusion/data/datasets/sana_data.py): images (.png, .jpg, .jpeg,
 .webp, any case, subfolders included, hidden files skipped), each with a same-named .txt beside it (`cat.png` +
@@ -18,11 +18,12 @@ Plan (deterministic): images sorted by relative path, grouped by bucket (buckets
 bucket cut into chunks of shard_size; chunk j is shard-{j:05d}.safetensors.
 
 Resume: each shard records its image list and the settings (resolution, shard size, max_length, CHI, preprocess,
-both model configs, the model paths given) in its metadata. An existing shard with the same list, settings and
-tensor shapes is skipped; one with another image list (the folder changed) is recomputed; one with other
-settings is an error (a cache is built with one set of encoders). Files are written atomically (temporary name +
-rename), so an interrupted run leaves whole shards only: rerunning the command continues where it stopped, and
-rerunning a finished run writes nothing. The weights themselves are not fingerprinted: new weights under the same
+both model configs, the model paths given) in its record (the one "sana-jax" metadata entry, train/data.py); the
+null file records the settings. An existing shard with the same list, settings and tensor shapes is skipped; one
+with another image list (the folder changed) is recomputed; one with other settings is an error (a cache is built
+with one set of encoders), and so is a file of another cache format. Files are written atomically (temporary
+name + rename), so an interrupted run leaves whole shards only: rerunning the command continues where it stopped,
+and rerunning a finished run writes nothing. The weights themselves are not fingerprinted: new weights under the same
 path and config need a new out folder.
 
 Devices and hosts: a process encodes batches sharded over its local devices (1-D mesh "data", parameters
@@ -55,8 +56,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from sana_jax import pipeline, text
-from sana_jax.train.data import (FORMAT, make_index, read_shard_header, shard_name, write_index, write_null,
-                                 write_shard)
+from sana_jax.train.data import (FORMAT, CacheFormatError, make_index, read_shard_header, shard_name, write_index,
+                                 write_null, write_shard)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 RESOLUTIONS = (512, 1024, 2048, 4096)
@@ -280,21 +281,23 @@ def _check_out_dir(out_dir: str, settings: dict) -> None:
                          f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new out folder")
 
 
-def _is_done(path: str, settings_json: str, images: list[str] | None, shapes: dict) -> bool:
-    """Whether `path` is a finished file of this plan. Another settings record is an error, not a redo."""
+def _is_done(path: str, settings: dict, images: list[str] | None, shapes: dict) -> bool:
+    """Whether `path` is a finished file of this plan. Other settings, or another cache format, are an error, not
+    a redo."""
     if not os.path.exists(path):
         return False
     try:
-        metadata, found = read_shard_header(path)
+        record, found = read_shard_header(path)
+    except CacheFormatError:  # e.g. a sana-jax-cache/1 shard: its message names the file and the format
+        raise
     except Exception:  # unreadable (e.g. truncated by something other than us): compute it again
         return False
-    if "settings" in metadata and metadata["settings"] != settings_json:
-        raise ValueError(f"{path} was written with other settings ("
-                         f"{_differences(json.loads(settings_json), json.loads(metadata['settings']))}); choose "
-                         "a new out folder")
-    if images is not None and metadata.get("images") != json.dumps(images):
+    if "settings" in record and record["settings"] != settings:
+        raise ValueError(f"{path} was written with other settings ({_differences(settings, record['settings'])}); "
+                         "choose a new out folder")
+    if images is not None and record.get("images") != images:
         return False
-    return metadata.get("settings") == settings_json and found == shapes
+    return record.get("settings") == settings and found == shapes
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -349,8 +352,7 @@ def prepare_cache(image_dir: str, out_dir: str, vae, vae_params, encoder, encode
     settings = {"resolution": resolution, "shard_size": shard_size, "max_length": max_length,
                 "chi": list(chi) if chi else None, "preprocess": preprocess,
                 "vae": dataclasses.asdict(vcfg), "text_encoder": dataclasses.asdict(tcfg), "source": source or {}}
-    settings = json.loads(json.dumps(settings))  # tuples -> lists, as index.json reads back
-    settings_json = json.dumps(settings, sort_keys=True)
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as index.json and the records read back
 
     shards = plan_shards(image_dir, resolution, shard_size)
     _check_out_dir(out_dir, settings)
@@ -367,14 +369,14 @@ def prepare_cache(image_dir: str, out_dir: str, vae, vae_params, encoder, encode
         return {"latents": (n, *latent_shapes[shard.bucket]), "y": (n, max_length, c_cap), "mask": (n, max_length)}
 
     def done(shard: Shard) -> bool:
-        return _is_done(os.path.join(out_dir, shard.name), settings_json, [i.path for i in shard.items],
+        return _is_done(os.path.join(out_dir, shard.name), settings, [i.path for i in shard.items],
                         shapes(shard))
 
     null_path = os.path.join(out_dir, "null.safetensors")
     null_shapes = {"y": (max_length, c_cap), "mask": (max_length,)}
-    if process_index == 0 and not _is_done(null_path, settings_json, None, null_shapes):
+    if process_index == 0 and not _is_done(null_path, settings, None, null_shapes):
         null_y, null_mask = enc.captions([""], len(devices), chi=None)  # SANA's y_embedding: "" without CHI
-        write_null(out_dir, null_y[0], null_mask[0], {"settings": settings_json})
+        write_null(out_dir, null_y[0], null_mask[0], {"settings": settings})
 
     mine = [s for s in shards if s.number % process_count == process_index]
     finished = {s.number for s in mine if done(s)}
@@ -405,7 +407,7 @@ def prepare_cache(image_dir: str, out_dir: str, vae, vae_params, encoder, encode
                 bar.update(len(batch))
             latents, y, mask = (np.concatenate(p) for p in zip(*parts))
             write_shard(out_dir, shard.name, latents, y, mask, [it.caption for it in shard.items],
-                        {"images": json.dumps([it.path for it in shard.items]), "settings": settings_json})
+                        {"images": [it.path for it in shard.items], "settings": settings})
             written.append(shard.name)
             if on_shard is not None:
                 on_shard(shard.name)
