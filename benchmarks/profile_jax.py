@@ -62,13 +62,14 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--remat", default="none")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="JAX model config override (as benchmarks/transformer.py)")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls (after the timing warm-up)")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     case = dict(mode=args.mode, model=args.model or ("tiny" if args.tiny else "sana_600m"),
                 size=args.size or (64 if args.tiny else 1024), batch=args.batch or (2 if args.tiny else 32),
-                remat=args.remat, attention=args.attention, optimizer="came", warmup=2, iters=2)
+                remat=args.remat, overrides=bench.parse_overrides(args.set), optimizer="came", warmup=2, iters=2)
     setup = bench.jax_forward if args.mode == "forward" else bench.jax_train
     captured = {}
 

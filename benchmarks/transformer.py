@@ -42,10 +42,11 @@ def emit(record: dict) -> None:
     print(json.dumps({"bench": "transformer", **record}), flush=True)
 
 
-def model_config(name: str, remat: str = "none", attention: str = "auto"):
+def model_config(name: str, remat: str = "none", overrides: dict | None = None):
+    """The benchmarked model: bf16 compute; `overrides` are SanaConfig fields (e.g. attention_impl="xla")."""
     from sana_jax import configs
 
-    return configs.get(name, compute_dtype="bfloat16", remat_policy=remat, attention_impl=attention)
+    return configs.get(name, **{"compute_dtype": "bfloat16", "remat_policy": remat, **(overrides or {})})
 
 
 def flops(cfg, mode: str, size: int, batch: int) -> float:
@@ -78,7 +79,7 @@ def jax_forward(case: dict) -> dict:
 
     import sana_jax
 
-    cfg = model_config(case["model"], attention=case["attention"])
+    cfg = model_config(case["model"], overrides=case["overrides"])
     model = sana_jax.SanaTransformer(cfg)
     # Parameters stored in bf16, as diffusers' `.to(bfloat16)`: the in-model casts become no-ops.
     params = jax.jit(lambda key: jax.tree.map(lambda p: p.astype(jnp.bfloat16),
@@ -106,7 +107,7 @@ def jax_train(case: dict) -> dict:
     from sana_jax.train.config import OptimConfig, TrainConfig
     from sana_jax.train.step import init_state, make_optimizer, make_train_step, state_shardings
 
-    cfg = TrainConfig(model=model_config(case["model"], case["remat"], case["attention"]),
+    cfg = TrainConfig(model=model_config(case["model"], case["remat"], case["overrides"]),
                       optim=OptimConfig(name=case["optimizer"], lr=1e-4, warmup_steps=0, clip_grad_norm=0.1),
                       batch_size=case["batch"])
     mesh = sharding.make_mesh(cfg.mesh)
@@ -258,7 +259,7 @@ def run_torch(cases: list[dict], tiny: bool) -> None:
 
 def plan(args) -> tuple[list[dict], list[dict]]:
     """(JAX cases, torch cases); torch cases are ordered eager first, so a run cut short keeps the eager anchors."""
-    common = dict(mode=args.mode, warmup=args.warmup, iters=args.iters, attention=args.attention)
+    common = dict(mode=args.mode, warmup=args.warmup, iters=args.iters, overrides=args.overrides)
     jax_cases, torch_cases = [], []
     for name in args.models:
         if args.mode == "forward":
@@ -279,6 +280,16 @@ def plan(args) -> tuple[list[dict], list[dict]]:
     torch_cases = [c for c in torch_cases if c["impl"] in args.impls]
     torch_cases.sort(key=lambda c: c["impl"] == "diffusers_compile")
     return (jax_cases if "jax" in args.impls else []), torch_cases
+
+
+def parse_overrides(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        overrides[key] = value
+    return overrides
 
 
 def summaries(records: list[dict]) -> list[dict]:
@@ -317,8 +328,8 @@ def main(argv=None) -> int:
                         help="train: JAX remat policies (default none)")
     parser.add_argument("--optimizer", default="came", choices=["came", "came_8bit", "adamw"],
                         help="train: the JAX optimizer (the anchor is always came_pytorch)")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
-                        help="JAX cross-attention kernel (SanaConfig.attention_impl)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="JAX model config override, e.g. --set attention_impl=xla --set glu_impl=xla")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 10; tiny 1)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3; tiny 1)")
     parser.add_argument("--impls", nargs="+", default=None, choices=["jax", "diffusers_eager", "diffusers_compile"],
@@ -331,6 +342,7 @@ def main(argv=None) -> int:
         run_jax(cases) if args.child == "jax" else run_torch(cases, args.tiny)
         return 0
 
+    args.overrides = parse_overrides(args.set)
     tiny = args.tiny
     args.models = args.models or (["tiny"] if tiny else ["sana_600m", "sana_1600m"])
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else \

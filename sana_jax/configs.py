@@ -12,10 +12,12 @@ from typing import Literal
 ComputeDtype = Literal["float32", "bfloat16", "float16", "float64"]
 RematPolicy = Literal["none", "full", "dots_saveable"]
 AttentionImpl = Literal["auto", "xla", "cudnn"]
+KernelImpl = Literal["auto", "xla", "pallas"]
 
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _REMAT_POLICIES = ("none", "full", "dots_saveable")
 _ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+_KERNEL_IMPLS = ("auto", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,12 @@ class SanaConfig:
     # (CUDA GPUs, bf16/fp16 compute; logits stay fp32 inside the kernel, the [B, H, N, L] probabilities are never
     # stored). "auto": cudnn when the default backend is a CUDA GPU and compute_dtype is 16-bit, else xla.
     attention_impl: AttentionImpl = "auto"
+    # GLUMBConv's depthwise 3x3 + gating (sana_jax/glu_conv.py). "xla": nine shifted multiply-adds, any backend.
+    # "pallas": one fused GPU kernel, same fp32 accumulation (CUDA GPUs). "auto": pallas on a CUDA GPU, else xla.
+    glu_impl: KernelImpl = "auto"
+    # LiteLA (sana_jax/linear_attention.py): "xla" einsums in fp32, any backend; "pallas" a two-pass GPU kernel
+    # reading q, k, v straight from the qkv projection, fp32-exact products; "auto": pallas on a CUDA GPU.
+    linear_attn_impl: KernelImpl = "auto"
 
     def __post_init__(self):
         def fail(msg):
@@ -78,6 +86,9 @@ class SanaConfig:
             fail(f"attention_impl must be one of {_ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.attention_impl == "cudnn" and self.compute_dtype not in ("bfloat16", "float16"):
             fail(f"attention_impl='cudnn' needs a bfloat16 or float16 compute_dtype, got {self.compute_dtype!r}")
+        for field in ("glu_impl", "linear_attn_impl"):
+            if getattr(self, field) not in _KERNEL_IMPLS:
+                fail(f"{field} must be one of {_KERNEL_IMPLS}, got {getattr(self, field)!r}")
         if self.logvar and not self.guidance_embeds:
             fail("logvar=True is a Sprint head and needs guidance_embeds=True")
 
@@ -105,6 +116,10 @@ SANA_600M = SanaConfig(name="sana_600m", hidden_size=1152, depth=28, num_cross_h
 # configs/Sana_1600M_config/Sana_1600M_img1024.yaml (SanaMS_1600M_P1_D20).
 SANA_1600M = SanaConfig(name="sana_1600m", hidden_size=2240, depth=20, num_cross_heads=20, sample_size=32,
                         flow_shift=3.0)
+# configs/sana_config/512ms/Sana_600M_img512.yaml: 16x16 latents, no PE, flow_shift 3.0.
+SANA_600M_512 = SANA_600M.replace(name="sana_600m_512", sample_size=16, flow_shift=3.0)
+# configs/sana_config/512ms/Sana_1600M_img512.yaml: 16x16 latents, no PE, flow_shift 3.0.
+SANA_1600M_512 = SANA_1600M.replace(name="sana_1600m_512", sample_size=16)
 # configs/Sana_1600M_config/Sana_1600M_img2048.yaml: use_pe, sincos, pe_interpolation 1.0, 64x64 latents.
 SANA_1600M_2K = SANA_1600M.replace(name="sana_1600m_2k", sample_size=64, use_pe=True, pe_interpolation=1.0)
 # configs/Sana_1600M_config/Sana_1600M_img4096_bf16.yaml: use_pe, pe_interpolation 2.0, flow_shift 6.0.
@@ -127,8 +142,9 @@ TINY = SanaConfig(name="tiny", in_channels=8, out_channels=8, hidden_size=64, de
 
 VARIANTS: dict[str, SanaConfig] = {
     cfg.name: cfg
+    # Order matters to sana_conversion.load: a checkpoint without a pos_embed size hint gets the first match.
     for cfg in (SANA_600M, SANA_1600M, SANA_1600M_2K, SANA_1600M_4K, SANA15_1600M, SANA15_4800M,
-                SANA_SPRINT_600M, SANA_SPRINT_1600M, TINY)
+                SANA_SPRINT_600M, SANA_SPRINT_1600M, SANA_600M_512, SANA_1600M_512, TINY)
 }
 
 

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sana_jax import glu_conv
 from sana_jax.configs import SanaConfig
-from sana_jax.linear_attention import relu_linear_attention
+from sana_jax.linear_attention import relu_linear_attention_pallas, relu_linear_attention_xla_packed
 
 Array = jax.Array
 _FP16_MAX = 65504.0
@@ -45,8 +46,25 @@ def resolve_attention_impl(cfg: SanaConfig) -> str:
         return cfg.attention_impl
     sixteen_bit = cfg.compute_dtype in ("bfloat16", "float16")
     head_dim_ok = cfg.cross_head_dim % 8 == 0 and cfg.cross_head_dim <= 128  # cuDNN flash attention's limits
-    cuda = jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
-    return "cudnn" if sixteen_bit and head_dim_ok and cuda else "xla"
+    return "cudnn" if sixteen_bit and head_dim_ok and _on_cuda() else "xla"
+
+
+def resolve_glu_impl(cfg: SanaConfig) -> str:
+    """The depthwise-conv + gating kernel `cfg.glu_impl` stands for on this process's default backend."""
+    if cfg.glu_impl != "auto":
+        return cfg.glu_impl
+    return "pallas" if _on_cuda() and cfg.compute_dtype != "float64" else "xla"
+
+
+def resolve_linear_attn_impl(cfg: SanaConfig) -> str:
+    """The LiteLA kernel `cfg.linear_attn_impl` stands for on this process's default backend."""
+    if cfg.linear_attn_impl != "auto":
+        return cfg.linear_attn_impl
+    return "pallas" if _on_cuda() and cfg.compute_dtype != "float64" else "xla"
+
+
+def _on_cuda() -> bool:
+    return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
 
 
 def t2i_modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -181,13 +199,16 @@ class LiteLA(nn.Module):
         cfg = self.config
         b, n, c = x.shape
         qkv = Linear(3 * c, cfg, ("embed", "heads"), use_bias=False, name="qkv")(x)  # [B, N, 3C]
-        q, k, v = jnp.split(qkv, 3, axis=-1)  # head h owns channels [32h, 32h + 32) of each
+        # Head h owns channels [32h, 32h + 32) of each of q, k, v: column blocks (q_src, k_src, v_src, offsets).
+        sources, columns = (qkv, qkv, qkv), (0, c, 2 * c)
         if cfg.qk_norm:
-            q = RMSNorm(cfg.norm_eps, name="q_norm")(q)
-            k = RMSNorm(cfg.norm_eps, name="k_norm")(k)
-        heads = (b, n, cfg.num_heads, cfg.linear_head_dim)
-        out = relu_linear_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), cfg.linear_attn_eps)
-        out = Linear(c, cfg, ("heads", "embed"), name="proj")(out.reshape(b, n, c))
+            q, k, _ = jnp.split(qkv, 3, axis=-1)
+            sources = (RMSNorm(cfg.norm_eps, name="q_norm")(q), RMSNorm(cfg.norm_eps, name="k_norm")(k), qkv)
+            columns = (0, 0, 2 * c)
+        impl = (relu_linear_attention_pallas if resolve_linear_attn_impl(cfg) == "pallas"
+                else relu_linear_attention_xla_packed)
+        out = impl(*sources, columns, cfg.num_heads, cfg.linear_head_dim, cfg.linear_attn_eps)  # [B, N, C]
+        out = Linear(c, cfg, ("heads", "embed"), name="proj")(out)
         if out.dtype == jnp.float16:  # SANA clips here under fp16 autocast: LiteLA outputs can exceed fp16.
             out = jnp.clip(out, -_FP16_MAX, _FP16_MAX)
         return out
@@ -245,8 +266,9 @@ class Conv1x1(nn.Module):
         return y
 
 
-class DepthwiseConv3x3(nn.Module):
-    """3x3 depthwise convolution, padding 1, bias; HWIO kernel [3, 3, 1, C]."""
+class DepthwiseGLU(nn.Module):
+    """3x3 depthwise convolution (padding 1, bias; HWIO kernel [3, 3, 1, 2F]) of the SiLU'd inverted-conv output,
+    then value * SiLU(gate) over its two halves: [B, h, w, 2F] -> [B, h, w, F] (sana_jax/glu_conv.py)."""
 
     config: SanaConfig
 
@@ -257,16 +279,11 @@ class DepthwiseConv3x3(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, None, "mlp")),
                             (3, 3, 1, c), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(init, ("mlp",)), (c,), jnp.float32)
-        # Nine shifted multiply-adds instead of a grouped convolution: the same sum, but XLA:CPU runs the
-        # backward of a feature-grouped conv ~100x slower, and as elementwise ops it fuses on every backend.
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        height, width = x.shape[1:3]
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        y = bias.astype(dtype)
-        for dy in range(3):
-            for dx in range(3):
-                y = y + padded[:, dy:dy + height, dx:dx + width, :] * kernel[dy, dx, 0]
-        return y
+        padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        kernel, bias = kernel[:, :, 0].astype(dtype), bias.astype(dtype)  # the conv's weights in the compute dtype
+        if resolve_glu_impl(self.config) == "pallas":
+            return glu_conv.glu_dwconv_pallas(padded, kernel, bias)
+        return glu_conv.glu_dwconv_xla(padded, kernel, bias)
 
 
 class GLUMBConv(nn.Module):
@@ -281,9 +298,8 @@ class GLUMBConv(nn.Module):
         hidden = cfg.ffn_hidden
         h = x.reshape(b, *grid_hw, c)
         h = nn.silu(Conv1x1(2 * hidden, cfg, ("embed", "mlp"), name="inverted_conv")(h))  # [B, h, w, 2F]
-        h = DepthwiseConv3x3(cfg, name="depth_conv")(h)
-        value, gate = jnp.split(h, 2, axis=-1)  # first half is the value, second the gate
-        h = Conv1x1(c, cfg, ("mlp", "embed"), use_bias=False, name="point_conv")(value * nn.silu(gate))
+        h = DepthwiseGLU(cfg, name="depth_conv")(h)  # [B, h, w, F]: the first half is the value, the second the gate
+        h = Conv1x1(c, cfg, ("mlp", "embed"), use_bias=False, name="point_conv")(h)
         return h.reshape(b, n, c)
 
 

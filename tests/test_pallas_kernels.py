@@ -1,0 +1,87 @@
+"""The Pallas GPU kernels of the JAX model (interpreted on CPU here; compiled in tests/test_gpu.py) against their
+XLA siblings, on awkward shapes:
+  sana_jax.glu_conv: depthwise conv + gating (width not a power of two, channels not a multiple of the
+    128-channel block, a 1-pixel image); the XLA sibling itself against a plain grouped convolution.
+  sana_jax.linear_attention: LiteLA from packed qkv columns (tokens not a multiple of the 64-token step or the
+    512-token split, head dim 8 < the 16-wide tensor-core block, q/k held apart as after SANA-1.5's q/k norm).
+Interpreting is slow: the shapes are few and small."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sana_jax import glu_conv
+from tests.helpers import assert_close
+
+from sana_jax import linear_attention
+
+SHAPES = [(2, 3, 5, 40), (1, 4, 7, 130), (1, 1, 1, 8)]  # (B, H, W, F)
+
+
+def _case(shape, dtype, seed=0):
+    b, h, w, f = shape
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), dtype)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 2 * f)), dtype)
+    bias = jnp.asarray(rng.standard_normal(2 * f), dtype)
+    return padded, kernel, bias
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_xla_sibling_is_a_depthwise_convolution_then_gating(shape):
+    padded, kernel, bias = _case(shape, jnp.float32)
+    conv = jax.lax.conv_general_dilated(padded, kernel[:, :, None, :], (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=padded.shape[-1],
+                                        precision=jax.lax.Precision.HIGHEST) + bias
+    value, gate = jnp.split(conv, 2, axis=-1)
+    assert_close("glu_dwconv_xla vs grouped conv", value * jax.nn.silu(gate),
+                 glu_conv.glu_dwconv_xla(padded, kernel, bias), "tiny_fp32")
+
+
+@pytest.mark.parametrize("shape, dtype", [(SHAPES[0], jnp.float32), (SHAPES[1], jnp.bfloat16),
+                                          (SHAPES[2], jnp.bfloat16)])
+def test_glu_kernel_matches_xla_sibling(shape, dtype):
+    padded, kernel, bias = _case(shape, dtype, seed=1)
+    ref = glu_conv.glu_dwconv_xla(padded, kernel, bias)
+    out = glu_conv.glu_dwconv_pallas(padded, kernel, bias, True)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    # Same fp32 sums in the same order: equal up to fp32 rounding (bf16 outputs: at most one rounding flip).
+    assert_close(f"glu_dwconv pallas vs xla {shape} {dtype.__name__}", ref, out,
+                 "tiny_fp32" if dtype == jnp.float32 else "litela_bf16")
+
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal(ref.shape), dtype)
+    grads_ref = jax.vjp(glu_conv.glu_dwconv_xla, padded, kernel, bias)[1](cotangent)
+    grads = jax.vjp(lambda *a: glu_conv.glu_dwconv_pallas(*a, True), padded, kernel, bias)[1](cotangent)
+    for name, g_ref, g in zip(("padded", "kernel", "bias"), grads_ref, grads):
+        np.testing.assert_array_equal(np.asarray(g_ref, np.float32), np.asarray(g, np.float32), err_msg=name)
+
+
+@pytest.mark.parametrize("batch, tokens, heads, head_dim, dtype, packed", [
+    (2, 70, 3, 32, jnp.float32, True),
+    (1, 600, 2, 32, jnp.bfloat16, True),  # two 512-token splits, the second partial
+    (2, 33, 2, 8, jnp.bfloat16, False),  # q, k apart from v (SANA-1.5 q/k norm)
+])
+def test_litela_kernel_matches_xla_sibling(batch, tokens, heads, head_dim, dtype, packed):
+    rng = np.random.default_rng(3)
+    c = heads * head_dim
+    qkv = jnp.asarray(rng.standard_normal((batch, tokens, 3 * c)), dtype)
+    if packed:
+        sources, columns = (qkv, qkv, qkv), (0, c, 2 * c)
+    else:
+        q, k = (jnp.asarray(rng.standard_normal((batch, tokens, c)), dtype) for _ in range(2))
+        sources, columns = (q, k, qkv), (0, 0, 2 * c)
+    args = (columns, heads, head_dim, 1e-8)
+    ref = linear_attention.relu_linear_attention_xla_packed(*sources, *args)
+    out = linear_attention.relu_linear_attention_pallas(*sources, *args, True)
+    assert out.shape == ref.shape == (batch, tokens, c) and out.dtype == dtype
+    assert_close(f"litela pallas vs xla {(batch, tokens, heads, head_dim)} {dtype.__name__}", ref, out,
+                 "tiny_fp32" if dtype == jnp.float32 else "litela_bf16")
+    cotangent = jnp.asarray(rng.standard_normal(ref.shape), dtype)
+    grads_ref = jax.vjp(lambda *a: linear_attention.relu_linear_attention_xla_packed(*a, *args), *sources)[1](
+        cotangent)
+    grads = jax.vjp(lambda *a: linear_attention.relu_linear_attention_pallas(*a, *args, True), *sources)[1](cotangent)
+    for g_ref, g in zip(grads_ref, grads):
+        np.testing.assert_array_equal(np.asarray(g_ref, np.float32), np.asarray(g, np.float32))
