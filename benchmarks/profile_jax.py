@@ -17,6 +17,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -50,6 +51,22 @@ def device_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
 
 
+def hlo_sources(hlo_dir: str) -> dict[str, str]:
+    """Fusion / kernel name -> the JAX op_name XLA recorded for it, from the largest optimized HLO dump of the
+    profiled program (run with XLA_FLAGS=--xla_dump_to=hlo_dir)."""
+    dumps = glob.glob(os.path.join(hlo_dir, "*jit_step*after_optimizations.txt")) or \
+        glob.glob(os.path.join(hlo_dir, "*jit__lambda*after_optimizations.txt"))
+    if not dumps:
+        return {}
+    sources = {}
+    with open(max(dumps, key=os.path.getsize)) as f:
+        for line in f:
+            match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
+            if match:
+                sources.setdefault(match.group(1), match.group(2))
+    return sources
+
+
 def main(argv=None) -> int:
     import jax
 
@@ -66,6 +83,7 @@ def main(argv=None) -> int:
                         help="JAX model config override (as benchmarks/transformer.py)")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls (after the timing warm-up)")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--hlo-dir", help="where XLA_FLAGS=--xla_dump_to wrote the HLO: name each kernel's JAX op")
     args = parser.parse_args(argv)
     case = dict(mode=args.mode, model=args.model or ("tiny" if args.tiny else "sana_600m"),
                 size=args.size or (64 if args.tiny else 1024), batch=args.batch or (2 if args.tiny else 32),
@@ -93,9 +111,13 @@ def main(argv=None) -> int:
     device_ms = sum(totals.values())
     base = {"bench": "profile", **{k: case[k] for k in ("mode", "model", "size", "batch")},
             "device": jax.devices()[0].device_kind}
+    sources = hlo_sources(args.hlo_dir) if args.hlo_dir else {}
     for name, ms in totals.most_common(args.top):
-        print(json.dumps({**base, "kernel": name[:160], "ms": round(ms, 3), "share": round(ms / device_ms, 4),
-                          "launches": round(counts[name], 1), "category": category(name)}))
+        record = {**base, "kernel": name[:160], "ms": round(ms, 3), "share": round(ms / device_ms, 4),
+                  "launches": round(counts[name], 1), "category": category(name)}
+        if name in sources:
+            record["jax_op"] = sources[name][-200:]
+        print(json.dumps(record))
     by_category = collections.Counter()
     for name, ms in totals.items():
         by_category[category(name)] += ms

@@ -10,7 +10,7 @@ activation dtype, as a cuDNN / PyTorch depthwise convolution does; the gating th
 Two implementations of the same function:
   `glu_dwconv_xla`    nine shifted multiply-adds (portable; fuses on every backend; XLA:CPU's grouped-conv
                       backward was ~100x slower than this form).
-  `glu_dwconv_pallas` a Pallas (Triton) GPU kernel: one program per output row and 128-channel block reads the
+  `glu_dwconv_pallas` a Pallas (Triton) GPU kernel: one program per output row and channel block reads the
                       three padded input rows of both halves (cache-resident after the first touch) and writes
                       the gated row, so the [B, H, W, 2F] convolution output never goes to memory. Its backward is
                       the XLA sibling's (recomputed). `interpret=True` runs it on any backend (tests).
@@ -24,7 +24,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-_CHANNEL_BLOCK = 128  # 256-byte bf16 rows per load: coalesced, and 2F = 5760 / 11200 split into many programs
+# Channels per program (and warps: 8 with 128 channels, else 4), from benchmarks/pallas_kernels.py --sweep on
+# H100 (RESULTS.md): 128 channels while an image row is at most 32 pixels (the 1024 px latent grid), 64 for the
+# 128-pixel rows of 4096 px, whose [row, channel] tiles would otherwise spill.
+def channel_block(width: int) -> int:
+    rows = pl.next_power_of_2(width)
+    return 128 if rows <= 32 else max(16, 8192 // rows)
 
 
 def _accum(dtype) -> jnp.dtype:
@@ -50,7 +55,7 @@ def glu_dwconv_xla(padded: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax
     return _gate(value, gate, padded.dtype)
 
 
-def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: int, rows: int):
+def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: int, rows: int, block_c: int):
     """One output row (b, h) x one block of channels. x_ref: padded rows [B*(H+2)*(W+2), 2F] (flat);
     o_ref: [B*H*W, F]; k_ref [9, 2F]; b_ref [2F]."""
     from jax.experimental.pallas import triton as plgpu
@@ -58,41 +63,51 @@ def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: in
     row, block = pl.program_id(0), pl.program_id(1)
     b, h = row // height, row % height
     w = jnp.arange(rows)
-    c = block * _CHANNEL_BLOCK + jnp.arange(_CHANNEL_BLOCK)
+    c = block * block_c + jnp.arange(block_c)
     valid_c = c < features
     valid = (w < width)[:, None] & valid_c[None, :]
     acc = jnp.float32
-    dw_value = plgpu.load(b_ref.at[pl.ds(block * _CHANNEL_BLOCK, _CHANNEL_BLOCK)], mask=valid_c,
-                          other=0).astype(acc)[None, :] + jnp.zeros((rows, _CHANNEL_BLOCK), acc)
-    dw_gate = plgpu.load(b_ref.at[pl.ds(features + block * _CHANNEL_BLOCK, _CHANNEL_BLOCK)], mask=valid_c,
-                         other=0).astype(acc)[None, :] + jnp.zeros((rows, _CHANNEL_BLOCK), acc)
+    dw_value = plgpu.load(b_ref.at[pl.ds(block * block_c, block_c)], mask=valid_c,
+                          other=0).astype(acc)[None, :] + jnp.zeros((rows, block_c), acc)
+    dw_gate = plgpu.load(b_ref.at[pl.ds(features + block * block_c, block_c)], mask=valid_c,
+                         other=0).astype(acc)[None, :] + jnp.zeros((rows, block_c), acc)
     for dy in range(3):
         for dx in range(3):
             start = (b * (height + 2) + h + dy) * (width + 2) + dx  # flat padded row of (b, h + dy, dx)
             tap = dy * 3 + dx
             for half in range(2):
-                c0 = half * features + block * _CHANNEL_BLOCK
-                x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(c0, _CHANNEL_BLOCK)], mask=valid, other=0)
-                k = plgpu.load(k_ref.at[pl.ds(tap, 1), pl.ds(c0, _CHANNEL_BLOCK)], mask=valid_c[None, :], other=0)
+                c0 = half * features + block * block_c
+                x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(c0, block_c)], mask=valid, other=0)
+                k = plgpu.load(k_ref.at[pl.ds(tap, 1), pl.ds(c0, block_c)], mask=valid_c[None, :], other=0)
                 term = x.astype(acc) * k.astype(acc)  # [rows, C_blk] * [1, C_blk]
                 if half == 0:
                     dw_value = dw_value + term
                 else:
                     dw_gate = dw_gate + term
     out = _gate(dw_value, dw_gate, o_ref.dtype)
-    plgpu.store(o_ref.at[pl.ds(row * width, rows), pl.ds(block * _CHANNEL_BLOCK, _CHANNEL_BLOCK)], out,
+    plgpu.store(o_ref.at[pl.ds(row * width, rows), pl.ds(block * block_c, block_c)], out,
                 mask=valid)
 
 
-def _pallas_forward(padded, kernel, bias, interpret: bool):
+def _triton_params(num_warps: int):
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=num_warps)
+
+
+def _pallas_forward(padded, kernel, bias, interpret: bool, block_c: int | None = None,
+                    num_warps: int | None = None):
     batch, height, width, channels = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2, padded.shape[3]
     features = channels // 2
     rows = pl.next_power_of_2(width)
+    block_c = block_c or channel_block(width)
+    num_warps = num_warps or (8 if block_c == 128 else 4)
     flat = padded.reshape(-1, channels)
     call = pl.pallas_call(
-        functools.partial(_kernel, height=height, width=width, features=features, rows=rows),
+        functools.partial(_kernel, height=height, width=width, features=features, rows=rows, block_c=block_c),
         out_shape=jax.ShapeDtypeStruct((batch * height * width, features), padded.dtype),
-        grid=(batch * height, pl.cdiv(features, _CHANNEL_BLOCK)),
+        grid=(batch * height, pl.cdiv(features, block_c)),
+        compiler_params=None if interpret else _triton_params(num_warps),
         in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 3,
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
         interpret=interpret,

@@ -1,0 +1,101 @@
+"""The JAX model's Pallas GPU kernels against their XLA siblings, op by op, with the tile sweep that set them.
+
+  glu:    sana_jax.glu_conv (depthwise 3x3 + bias + value * SiLU(gate)) at SANA's FFN shapes, XLA sibling vs the
+          Pallas kernel at every (channel block, warps) of the sweep; `--sweep` off: the shipped setting only.
+  litela: sana_jax.linear_attention from packed qkv, XLA sibling vs Pallas.
+One JSON object per line: op, shape, impl (and tile), median ms, GB/s of the bytes an ideal kernel moves (inputs
+read once, output written once), max|diff| / max|ref| against the XLA sibling.
+
+GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/pallas_kernels.py --sweep
+CPU smoke test (interpreted kernels, tiny shapes):  python benchmarks/pallas_kernels.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_ms  # noqa: E402
+
+from sana_jax import glu_conv, linear_attention  # noqa: E402
+
+# (B, H, W, F): 0.6B at 1024 px batch 32, 1.6B at 1024 px batch 8, 0.6B at 4096 px batch 1.
+GLU_SHAPES = [(32, 32, 32, 2880), (8, 32, 32, 5600), (1, 128, 128, 2880)]
+# (B, N, heads, head dim): 0.6B at 1024 px batch 32, 1.6B at 4096 px batch 1.
+LITELA_SHAPES = [(32, 1024, 36, 32), (1, 16384, 70, 32)]
+
+
+def emit(record: dict) -> None:
+    print(json.dumps({"bench": "pallas_kernels", **record}), flush=True)
+
+
+def rel(ref, out) -> float:
+    ref, out = np.asarray(ref, np.float32), np.asarray(out, np.float32)
+    return float(np.abs(ref - out).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def bench_glu(shape, args, interpret):
+    b, h, w, f = shape
+    rng = np.random.default_rng(0)
+    padded = jnp.pad(jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), jnp.bfloat16), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 2 * f)), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(2 * f), jnp.bfloat16)
+    ideal_bytes = padded.size * 2 + b * h * w * f * 2
+    ref = jax.jit(glu_conv.glu_dwconv_xla)(padded, kernel, bias)
+    variants = [("xla", jax.jit(glu_conv.glu_dwconv_xla), {})]
+    tiles = [(c, warps) for c in (32, 64, 128) for warps in (2, 4, 8)]
+    for block_c, warps in (tiles if args.sweep else [(None, None)]):
+        kwargs = {k: v for k, v in dict(block_c=block_c, num_warps=warps).items() if v is not None}
+        fn = jax.jit(functools.partial(glu_conv._pallas_forward, interpret=interpret, **kwargs))
+        variants.append(("pallas", fn, kwargs))
+    for impl, fn, tile in variants:
+        out = fn(padded, kernel, bias)
+        ms = median_ms(lambda: fn(padded, kernel, bias), jax.block_until_ready, args.warmup, args.iters)
+        emit({"op": "glu", "shape": list(shape), "impl": impl, **tile, "ms": round(ms, 4),
+              "gb_per_s": round(ideal_bytes / ms / 1e6, 1), "rel_diff": rel(ref, out)})
+
+
+def bench_litela(shape, args, interpret):
+    b, n, heads, d = shape
+    c = heads * d
+    qkv = jnp.asarray(np.random.default_rng(0).standard_normal((b, n, 3 * c)), jnp.bfloat16)
+    spec = ((0, c, 2 * c), heads, d, 1e-8)
+    ideal_bytes = qkv.size * 2 + b * n * c * 2
+    xla = jax.jit(lambda a: linear_attention.relu_linear_attention_xla_packed(a, a, a, *spec))
+    pallas = jax.jit(lambda a: linear_attention.relu_linear_attention_pallas(a, a, a, *spec, interpret))
+    ref = xla(qkv)
+    for impl, fn in (("xla", xla), ("pallas", pallas)):
+        out = fn(qkv)
+        ms = median_ms(lambda: fn(qkv), jax.block_until_ready, args.warmup, args.iters)
+        emit({"op": "litela", "shape": list(shape), "impl": impl, "ms": round(ms, 4),
+              "gb_per_s": round(ideal_bytes / ms / 1e6, 1), "rel_diff": rel(ref, out)})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="interpreted kernels on tiny shapes (CPU smoke test)")
+    parser.add_argument("--sweep", action="store_true", help="every GLU tile of the sweep, not only the shipped one")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls (default 20; tiny 1)")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    args.iters = args.iters or (1 if args.tiny else 20)
+    interpret = args.tiny or jax.default_backend() != "gpu"
+    glu_shapes = [(1, 3, 5, 24)] if args.tiny else GLU_SHAPES
+    litela_shapes = [(1, 70, 2, 32)] if args.tiny else LITELA_SHAPES
+    for shape in glu_shapes:
+        bench_glu(shape, args, interpret)
+    for shape in litela_shapes:
+        bench_litela(shape, args, interpret)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
