@@ -55,6 +55,52 @@ def test_load_config_recipes_files_and_overrides(tmp_path):
         load_config(overrides=["flow.caption_dropout=1.5"])
 
 
+# Released recipe facts (NVlabs/Sana yamls; reference/sana-original.md sections 1 and 5): model, latent side
+# (image px / 32), position embedding (PE interpolation), flow shift, optimizer, lr, batch, parameters (diffusers').
+RECIPE_FACTS = {
+    "sana_600m_512": ("sana_600m_512", 16, None, 3.0, "came", 1e-4, 128, 591_747_872),
+    "sana_600m_1024": ("sana_600m", 32, None, 4.0, "came", 1e-4, 64, 591_747_872),
+    "sana_1600m_512": ("sana_1600m_512", 16, None, 3.0, "came", 1e-4, 64, 1_604_462_752),
+    "sana_1600m_1024": ("sana_1600m", 32, None, 3.0, "came", 1e-4, 64, 1_604_462_752),
+    "sana_1600m_2k": ("sana_1600m_2k", 64, 1.0, 3.0, "came", 1e-4, 4, 1_604_462_752),
+    "sana_1600m_4k": ("sana_1600m_4k", 128, 2.0, 6.0, "came", 1e-4, 8, 1_604_462_752),
+    "sana15_1600m_1024": ("sana15_1600m", 32, None, 3.0, "came", 2e-5, 64, 1_604_641_952),
+    "sana15_4800m_1024": ("sana15_4800m", 32, None, 3.0, "came_8bit", 2e-5, 32, 4_721_825_952),
+}
+
+
+def test_released_recipes_match_the_yamls():
+    """Every recipe, full size, through jax.eval_shape only: params, the sharded train state, and a forward at
+    the recipe's latent size (the 2K / 4K sin-cos PE is built there)."""
+    import jax.numpy as jnp
+
+    import sana_jax
+    from sana_jax.train import sharding
+    from sana_jax.train.config import RECIPES
+    from sana_jax.train.step import make_optimizer, state_shardings
+
+    assert sorted(RECIPES) == sorted(RECIPE_FACTS)
+    for name, (model, side, pe, shift, optimizer, lr, batch, count) in RECIPE_FACTS.items():
+        cfg = load_config(name)
+        m = cfg.model
+        got = (m.name, m.sample_size, m.pe_interpolation if m.use_pe else None, cfg.flow.shift, cfg.optim.name,
+               cfg.optim.lr, cfg.batch_size)
+        assert got == (model, side, pe, shift, optimizer, lr, batch), name
+        assert m.flow_shift == cfg.flow.shift and cfg.optim.clip_grad_norm == 0.1 and cfg.optim.warmup_steps == 2000
+        assert (m.compute_dtype, m.remat_policy) == ("bfloat16", "full")
+        transformer = sana_jax.SanaTransformer(m)
+        params = sana_jax.abstract_params(transformer)
+        assert sana_jax.count_params(params) == count, name
+        abstract, _ = state_shardings(cfg, sharding.make_mesh(cfg.mesh), make_optimizer(cfg))
+        assert jax.tree.structure(abstract.params) == jax.tree.structure(params)
+        x = jax.ShapeDtypeStruct((1, side, side, m.in_channels), jnp.float32)
+        y = jax.ShapeDtypeStruct((1, m.model_max_length, m.caption_channels), jnp.float32)
+        out = jax.eval_shape(lambda p, x, y: transformer.apply({"params": p}, x, jnp.ones((1,)), y,
+                                                               jnp.ones((1, m.model_max_length), jnp.int32)),
+                             params, x, y)
+        assert out.shape == (1, side, side, m.out_channels), name
+
+
 def test_sana_integer_timesteps_and_shift():
     u = np.linspace(0.0005, 0.9995, 101)
     sigma, t = sigmas_and_timesteps(u, FlowConfig(shift=3.0, integer_timesteps=True))

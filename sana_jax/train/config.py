@@ -98,23 +98,25 @@ class TrainConfig:
         return self.optim.lr
 
 
-# Released recipes (NVlabs/Sana configs at 47777fb): lr 1e-4 (1.0) / 2e-5 (1.5), CAME (1.0) / CAME-8bit (1.5
-# 4.8B), clip 0.1, 2000 warmup steps, flow shift per resolution. Data and batch are the user's.
+# Released recipes (NVlabs/Sana configs at 47777fb; 512 px and 2K yamls read at 28af99f): lr 1e-4 (1.0) / 2e-5
+# (1.5), CAME (1.0) / CAME-8bit (1.5 4.8B), clip 0.1, 2000 warmup steps, flow shift per recipe (train = inference),
+# bf16 compute and full remat. Data is the user's. batch_size is global here, while the yamls' train_batch_size is
+# per GPU: the 512 px and 2K recipes take the yaml's number (600M-512 128, 1600M-512 64, 2K 4), as the 1024 px
+# SANA-1.0 ones do (64); the 4K and SANA-1.5 yamls say 4 and 2 per GPU.
+def _recipe(model: SanaConfig, batch_size: int, **changes) -> TrainConfig:
+    return TrainConfig(model=model.replace(compute_dtype="bfloat16", remat_policy="full"),
+                       flow=FlowConfig(shift=model.flow_shift), batch_size=batch_size, **changes)
+
+
 RECIPES: dict[str, TrainConfig] = {
-    "sana_600m_1024": TrainConfig(model=configs.SANA_600M.replace(compute_dtype="bfloat16", remat_policy="full"),
-                                  flow=FlowConfig(shift=4.0), batch_size=64),
-    "sana_1600m_1024": TrainConfig(model=configs.SANA_1600M.replace(compute_dtype="bfloat16",
-                                                                     remat_policy="full"),
-                                   flow=FlowConfig(shift=3.0), batch_size=64),
-    "sana_1600m_4k": TrainConfig(model=configs.SANA_1600M_4K.replace(compute_dtype="bfloat16", remat_policy="full"),
-                                 flow=FlowConfig(shift=6.0), batch_size=8),
-    "sana15_1600m_1024": TrainConfig(model=configs.SANA15_1600M.replace(compute_dtype="bfloat16",
-                                                                         remat_policy="full"),
-                                     optim=OptimConfig(lr=2e-5), flow=FlowConfig(shift=3.0), batch_size=64),
-    "sana15_4800m_1024": TrainConfig(model=configs.SANA15_4800M.replace(compute_dtype="bfloat16",
-                                                                         remat_policy="full"),
-                                     optim=OptimConfig(name="came_8bit", lr=2e-5), flow=FlowConfig(shift=3.0),
-                                     batch_size=32),
+    "sana_600m_512": _recipe(configs.SANA_600M_512, 128),  # 512ms/Sana_600M_img512.yaml, shift 3.0
+    "sana_600m_1024": _recipe(configs.SANA_600M, 64),  # 1024ms/Sana_600M_img1024.yaml, shift 4.0
+    "sana_1600m_512": _recipe(configs.SANA_1600M_512, 64),  # 512ms/Sana_1600M_img512.yaml, shift 3.0
+    "sana_1600m_1024": _recipe(configs.SANA_1600M, 64),  # 1024ms/Sana_1600M_img1024.yaml, shift 3.0
+    "sana_1600m_2k": _recipe(configs.SANA_1600M_2K, 4),  # 2048ms/Sana_1600M_img2048_bf16.yaml, shift 3.0, PE
+    "sana_1600m_4k": _recipe(configs.SANA_1600M_4K, 8),  # 4096ms/Sana_1600M_img4096_bf16.yaml, shift 6.0, PE
+    "sana15_1600m_1024": _recipe(configs.SANA15_1600M, 64, optim=OptimConfig(lr=2e-5)),
+    "sana15_4800m_1024": _recipe(configs.SANA15_4800M, 32, optim=OptimConfig(name="came_8bit", lr=2e-5)),
 }
 
 
