@@ -146,10 +146,12 @@ def test_bad_configs_fail_before_compiling(cache, tmp_path):
 
 def resume_config(cache, out_dir) -> TrainConfig:
     return tiny_config(cache, out_dir, optim=OptimConfig(name="came", lr=1e-3, warmup_steps=2, clip_grad_norm=0.1,
-                                                         ema_decay=0.9))
+                                                         ema_decay=0.9),
+                       sample_every=3, sample_count=5, sample_steps=3)
 
 
 def test_resume_is_exact_and_the_run_exports(cache, tmp_path):
+    """Kill at step 3 and resume: the same losses, weights and sample grids (check_sample_grids) as one run."""
     straight = train(resume_config(cache, tmp_path / "straight"), progress=False)
     assert len(straight.losses) == 6 and all(np.isfinite(v) for _, v in straight.losses)
     assert os.path.exists(tmp_path / "straight" / "loss.png")
@@ -163,6 +165,7 @@ def test_resume_is_exact_and_the_run_exports(cache, tmp_path):
     for a, b in zip(jax.tree.leaves((straight.state.params, straight.state.ema)),
                     jax.tree.leaves((resumed.state.params, resumed.state.ema))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    check_sample_grids(resume_config(cache, tmp_path / "straight"), straight, tmp_path / "resumed")
 
     import sana_jax
     from sana_jax.cli import main
@@ -240,3 +243,79 @@ def test_main_job_runs_end_to_end(tmp_path):
     assert code in (0, 1) and report["resumed_from_step"] == 2 and report["samples"] == 18
     assert report["export_parity_worst_fp32"] <= 1e-5  # the export of the trained weights matches sana_torch_ref
     assert (tmp_path / "samples.png").exists() and (tmp_path / "run" / "loss.png").exists()
+    from PIL import Image
+
+    from sana_jax.train import samples
+
+    # The end-of-run grid through the shapes decoder: 32-px images upscaled x3, 18 captions in 5 columns.
+    grid = Image.open(tmp_path / "run" / "samples" / "step-0000004.png")
+    assert grid.size == samples.grid_size(18, (32, 32)) == (5 * 96, 4 * (96 + samples.LABEL_HEIGHT))
+
+
+def check_sample_grids(cfg: TrainConfig, result, resumed_dir) -> None:
+    """Sample grids of a 6-step run with sample_every 3 and EMA (test_resume_is_exact_and_the_run_exports): the
+    expected files and pixel size, the cache's first distinct captions, a deterministic function of the weights,
+    the EMA weights, the same grid after a kill and resume, and a TensorBoard image summary."""
+    from PIL import Image
+
+    from sana_jax.train import samples
+    from sana_jax.train.data import read_shard_captions
+
+    out = os.path.join(cfg.out_dir, "samples")
+    assert sorted(os.listdir(out)) == ["step-0000003.png", "step-0000006.png"]
+    assert sorted(os.listdir(resumed_dir / "samples")) == sorted(os.listdir(out))  # the killed run wrote step 3
+    png = np.asarray(Image.open(os.path.join(out, "step-0000006.png")).convert("RGB"))
+    np.testing.assert_array_equal(png, np.asarray(Image.open(resumed_dir / "samples" / "step-0000006.png")))
+    # latent preview: 8x8 latents upscaled x12 to 96-px tiles, ceil(sqrt(5)) = 3 columns, 2 rows of tile + label
+    assert png.shape == (2 * (96 + samples.LABEL_HEIGHT), 3 * 96, 3)
+    assert samples.grid_size(5, (8, 8)) == (png.shape[1], png.shape[0])
+
+    grids = samples.SampleGrids(cfg, os.path.join(cfg.out_dir, "check"))
+    captions = grids.prompts["captions"]
+    first = read_shard_captions(os.path.join(cfg.data_dir, "shard-00000.safetensors"))
+    assert captions == list(dict.fromkeys(first))[:5]  # the cache's first distinct captions
+    ema = grids.images(result.state.ema)
+    np.testing.assert_array_equal(ema, grids.images(result.state.ema))  # deterministic: same weights, same grid
+    params = grids.images(result.state.params)
+    assert np.abs(ema - params).max() > 1e-3  # EMA (decay 0.9) and params differ after 6 steps
+    np.testing.assert_array_equal(png, np.asarray(samples.grid_image(ema, captions)))  # the written grid is EMA's
+    tensorboard = os.path.join(cfg.out_dir, "tensorboard")
+    assert any(b"samples" in open(os.path.join(tensorboard, f), "rb").read() for f in os.listdir(tensorboard))
+
+
+def test_sample_decoders(tmp_path):
+    """The three sample_decoder kinds: latent preview, the shapes pixel shuffle, a DC-AE folder."""
+    from safetensors.numpy import save_file
+
+    from sana_conversion.dcae import diffusers_config, jax_to_diffusers
+    from sana_jax import dcae
+    from sana_jax.train import samples
+
+    latents = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    preview, f = samples.make_decoder("", 4, 1.0)
+    image = preview(latents)
+    assert f == 1 and image.shape == (2, 3, 5, 3)
+    np.testing.assert_allclose(image.min(axis=(1, 2, 3)), -1.0)  # min-max per image
+    np.testing.assert_allclose(image.max(axis=(1, 2, 3)), 1.0, rtol=1e-6)
+    assert samples.latent_preview(latents[..., :1]).shape == (2, 3, 5, 3)  # fewer than 3 channels: grey
+
+    pixel, f = samples.make_decoder("shapes", 48, 1.0)
+    image = shapes.render("red", "circle", np.random.default_rng(0))
+    np.testing.assert_array_equal(pixel(shapes.to_latent(image)[None])[0], image)
+    with pytest.raises(ValueError, match="48-channel"):
+        samples.make_decoder("shapes", 32, 1.0)
+    with pytest.raises(FileNotFoundError, match="sample_decoder"):
+        samples.make_decoder(str(tmp_path / "missing"), 4, 1.0)
+
+    vae = dcae.DCAE(dcae.TINY)
+    params = dcae.init_params(vae, jax.random.key(0))
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(diffusers_config(dcae.TINY)))
+    save_file(jax_to_diffusers(params, dcae.TINY), str(folder / "diffusion_pytorch_model.safetensors"))
+    decode, f = samples.make_decoder(str(folder), 4, 0.5)
+    expected = vae.apply({"params": params}, latents / 0.5, method="decode")
+    assert f == dcae.TINY.spatial_compression and expected.shape == (2, 3 * f, 5 * f, 3)
+    np.testing.assert_allclose(decode(latents), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="latent channels"):
+        samples.make_decoder(str(folder), 32, 0.5)

@@ -65,7 +65,16 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    sample_every: int = 0  # 0: only at the end
+    # Sample grids (sana_jax/train/samples.py): out_dir/samples/step-NNNNNNN.png every `sample_every` optimizer
+    # steps (0: only at the end) of the cache's first `sample_count` distinct captions (0: no grids), with the EMA
+    # weights when kept, flow DPM-Solver, CFG with the cache's null caption and a fixed noise seed.
+    sample_every: int = 0
+    sample_count: int = 8
+    sample_steps: int = 20
+    sample_guidance: float = 4.5  # CFG scale (SANA's default); <= 1 samples without CFG
+    # Latents -> pixels: "" a latent preview (channels 0-2 min-max normalised per image; needs no VAE), "shapes"
+    # the shapes demo's pixel unshuffle by 4, or a DC-AE folder (latents / the cache's scaling_factor, decoded).
+    sample_decoder: str = ""
 
     def __post_init__(self):
         def fail(msg):
@@ -87,9 +96,14 @@ class TrainConfig:
             size = getattr(self.mesh, axis)
             if size == 0 or size < -1:
                 fail(f"mesh.{axis} must be a positive size or -1, got {size}")
-        for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_steps"):
             if getattr(self, name) <= 0:
                 fail(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("sample_every", "sample_count"):
+            if getattr(self, name) < 0:
+                fail(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.sample_decoder, str):
+            fail(f"sample_decoder must be '', 'shapes' or a DC-AE folder, got {self.sample_decoder!r}")
 
     @property
     def effective_lr(self) -> float:

@@ -4,7 +4,9 @@ Steps: build the procedural cache (sana_jax/train/shapes.py) -> train with SANA'
 integer timesteps, caption dropout, clipping, warmup) for half the steps -> stop and resume from the orbax
 checkpoint -> finish -> sample every caption with the project's flow DPM-Solver and CFG -> measure colour and
 shape of every image -> export to the official and diffusers layouts and check parity of the export against
-sana_torch_ref and diffusers. Writes samples.png, loss.png, report.txt and report.json under the output folder.
+sana_torch_ref and diffusers. Writes samples.png, report.txt and report.json under the output folder, and the
+run's loss.png and sample grids every 150 steps (run/samples/, sana_jax/train/samples.py) during training; the
+grids and the final samples share one sampler (`samples.sample_latents`) and one compiled program.
 """
 
 from __future__ import annotations
@@ -14,14 +16,11 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
 
 import sana_jax
-from sana_jax import sampling
 from sana_jax.configs import SanaConfig
-from sana_jax.train import shapes
+from sana_jax.train import samples, shapes
 from sana_jax.train.config import FlowConfig, OptimConfig, TrainConfig
 from sana_jax.train.data import write_cache
 from sana_jax.train.loop import train
@@ -36,42 +35,20 @@ def demo_config(out_dir: str, steps: int = 600) -> TrainConfig:
     return TrainConfig(model=SHAPES_MODEL, flow=FlowConfig(shift=1.0, caption_dropout=0.1),
                        optim=OptimConfig(name="came", lr=2e-4, warmup_steps=100, clip_grad_norm=1.0),
                        data_dir=os.path.join(out_dir, "data"), out_dir=os.path.join(out_dir, "run"),
-                       batch_size=32, steps=steps, log_every=10, checkpoint_every=200, seed=0)
+                       batch_size=32, steps=steps, log_every=10, checkpoint_every=200, seed=0,
+                       sample_every=150, sample_count=len(shapes.captions()), sample_decoder="shapes")
 
 
 def generate(cfg: SanaConfig, params, captions: list[str], seed: int, guidance: float = 4.5,
-             steps: int = 20) -> np.ndarray:
-    """Images [len(captions), 32, 32, 3] in [-1, 1] with CFG (uncond = null caption with the cond mask, as SANA)."""
-    model = sana_jax.SanaTransformer(cfg)
+             steps: int = 20, image_offset: int = 0) -> np.ndarray:
+    """Images [len(captions), 32, 32, 3] in [-1, 1] with CFG (uncond = null caption with the cond mask, as SANA),
+    by the sampler of the training grids; image i starts from default_rng([seed, image_offset + i])."""
     table = shapes.word_table()
-    y, mask = zip(*(shapes.encode_caption(c, table) for c in captions))
-    y, mask = jnp.asarray(np.stack(y)), jnp.asarray(np.stack(mask))
-    null_y = jnp.broadcast_to(jnp.asarray(shapes.encode_caption("", table)[0]), y.shape)
-
-    def velocity(x, t):
-        both = model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                           jnp.concatenate([null_y, y]), jnp.concatenate([mask, mask]))
-        uncond, cond = jnp.split(both.astype(jnp.float32), 2)
-        return uncond + guidance * (cond - uncond)
-
-    noise = jax.random.normal(jax.random.key(seed), (len(captions), 8, 8, cfg.in_channels))
-    latents = jax.jit(lambda n: sampling.sample(velocity, n, method="flow_dpm_solver", steps=steps,
-                                                flow_shift=cfg.flow_shift))(noise)
-    return shapes.from_latent(np.asarray(latents))
-
-
-def grid_png(images: np.ndarray, labels: list[str], path: str, columns: int) -> None:
-    cell, pad = 96, 14
-    rows = (len(images) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * cell, rows * (cell + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        r, c = divmod(i, columns)
-        tile = Image.fromarray(((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)).resize((cell, cell),
-                                                                                           Image.NEAREST)
-        canvas.paste(tile, (c * cell, r * (cell + pad)))
-        draw.text((c * cell + 2, r * (cell + pad) + cell), label, fill="black")
-    canvas.save(path)
+    y, mask = (np.stack(a) for a in zip(*(shapes.encode_caption(c, table) for c in captions)))
+    null_y = shapes.encode_caption("", table)[0]
+    latents = samples.sample_latents(cfg, params, y, mask, null_y, (8, 8), seed=seed, guidance=guidance,
+                                     steps=steps, flow_shift=cfg.flow_shift, image_offset=image_offset)
+    return shapes.from_latent(latents)
 
 
 def run_demo(out_dir: str, steps: int = 600, samples_per_caption: int = 2, num_examples: int = 4096) -> int:
@@ -88,13 +65,16 @@ def run_demo(out_dir: str, steps: int = 600, samples_per_caption: int = 2, num_e
     result = train(cfg)  # ... and a second that resumes from the checkpoint
     resumed_from = first.losses[-1][0]
 
-    captions = shapes.captions() * samples_per_caption
-    images = generate(cfg.model, result.state.params, captions, seed=1)
+    # In chunks of one image per caption: the batch size of the training grids, so one compiled sampler.
+    chunk = shapes.captions()
+    captions = chunk * samples_per_caption
+    images = np.concatenate([generate(cfg.model, result.state.params, chunk, seed=1, image_offset=i * len(chunk))
+                             for i in range(samples_per_caption)])
     measured = [shapes.measure(image) for image in images]
     colour_ok = [m[0] == c.split()[1] for m, c in zip(measured, captions)]
     shape_ok = [m[1] == c.split()[2] for m, c in zip(measured, captions)]
     labels = [f"{c.split()[1][:3]} {c.split()[2][:3]}{'' if ok else ' x'}" for c, ok in zip(captions, colour_ok)]
-    grid_png(images, labels, os.path.join(out_dir, "samples.png"), columns=len(shapes.SHAPES) * 2)
+    samples.grid_png(images, labels, os.path.join(out_dir, "samples.png"), columns=len(shapes.SHAPES) * 2)
 
     params = jax.device_get(result.state.params)
     parity_worst, exports = _export_and_check(cfg.model, params, out_dir)
@@ -113,7 +93,8 @@ def run_demo(out_dir: str, steps: int = 600, samples_per_caption: int = 2, num_e
         f"(target {TARGET_ACCURACY:.0%}); shape in {shape_acc:.0%}",
         f"export: official + diffusers layouts; worst fp32 error of sana_jax vs sana_torch_ref on the trained "
         f"weights {parity_worst:.2e} (target 1e-5)",
-        f"files: {out_dir}/samples.png, {cfg.out_dir}/loss.png, {cfg.out_dir}/tensorboard, {out_dir}/report.json",
+        f"files: {out_dir}/samples.png, {cfg.out_dir}/samples/ (grids during training), {cfg.out_dir}/loss.png, "
+        f"{cfg.out_dir}/tensorboard, {out_dir}/report.json",
         "PASS" if ok else "FAIL",
     ]
     with open(os.path.join(out_dir, "report.txt"), "w") as f:

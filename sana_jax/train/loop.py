@@ -1,4 +1,4 @@
-"""The training loop: resume from the latest checkpoint, step, log, checkpoint, plot.
+"""The training loop: resume from the latest checkpoint, step, log, checkpoint, sample grids, plot.
 
 Everything is checked (data shapes against the model, batch against the mesh, a checkpoint against the config)
 before the first compilation.
@@ -22,6 +22,7 @@ from sana_jax.train.checkpoint import Checkpoints
 from sana_jax.train.config import TrainConfig, to_dict
 from sana_jax.train.data import Loader
 from sana_jax.train.metrics import Scalars, plot_loss
+from sana_jax.train.samples import SampleGrids
 from sana_jax.train.step import TrainState, init_state, make_optimizer, make_train_step, put_batch, state_shardings
 
 
@@ -65,6 +66,7 @@ def train(cfg: TrainConfig, init_params=None, stop_after: int | None = None, pro
     mesh = sharding.make_mesh(cfg.mesh)
     loader = Loader(cfg.data_dir, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
     _check_data(cfg, loader, mesh)
+    grids = SampleGrids(cfg, os.path.join(cfg.out_dir, "samples")) if cfg.sample_count else None  # checks decoder
     tx = make_optimizer(cfg)
     abstract, shardings = state_shardings(cfg, mesh, tx)
     checkpoints = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), cfg.keep_checkpoints, every=1)
@@ -80,6 +82,8 @@ def train(cfg: TrainConfig, init_params=None, stop_after: int | None = None, pro
 
     step_fn, batch_sh = make_train_step(cfg, mesh, tx, shardings, loader.batch_shapes())
     scalars = Scalars(os.path.join(cfg.out_dir, "tensorboard"), enabled=jax.process_index() == 0)
+    if grids is not None:
+        grids.scalars = scalars  # the grids also go to TensorBoard as images
     accum = cfg.optim.grad_accum
     start, total = int(state.step), cfg.steps * accum
     peak = peak_flops(jax.devices()[0].device_kind)
@@ -112,6 +116,11 @@ def train(cfg: TrainConfig, init_params=None, stop_after: int | None = None, pro
             checkpoints.save(k + 1, state, {"config": to_dict(cfg), "step": k + 1, "optimizer_step": opt_step,
                                             "loss": losses[-1][1] if losses else None, "losses": losses},
                              force=True)
+        if grids is not None and boundary and (k + 1 == total or (cfg.sample_every and
+                                                                   opt_step % cfg.sample_every == 0)):
+            sampling_start = time.perf_counter()
+            grids.write(opt_step, state)
+            window_start += time.perf_counter() - sampling_start  # not counted in images/s
         if last and stop_after is not None and k + 1 == stop_after:
             break
     checkpoints.wait()

@@ -1,4 +1,4 @@
-"""TensorBoard-format scalars (tensorboardX event files) and the loss-curve PNG."""
+"""TensorBoard-format scalars and images (tensorboardX event files) and the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ class Scalars:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, float(value), step)
+
+    def image(self, step: int, tag: str, image) -> None:
+        """An image summary: uint8 [H, W, 3] (e.g. a sample grid)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.writer is not None:
