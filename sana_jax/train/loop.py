@@ -49,6 +49,22 @@ def _check_data(cfg: TrainConfig, loader: Loader, mesh) -> None:
     if cfg.batch_size % batch_devices:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the data x fsdp mesh size "
                          f"{batch_devices}")
+    if jax.process_count() > 1:  # the Loader gives each process 1/P of every batch: its devices must hold 1/P
+        held = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((cfg.batch_size,)).values()
+        rows = len({r for (index,) in held for r in range(*index.indices(cfg.batch_size))})
+        if rows != cfg.batch_size // jax.process_count():
+            raise ValueError(f"mesh {dict(mesh.shape)}: the devices of process {jax.process_index()} hold {rows} of "
+                             f"{cfg.batch_size} batch rows, not 1/{jax.process_count()}; lay the data x fsdp axes "
+                             f"over the processes")
+
+
+def _host_batch(loader: Loader, k: int) -> dict:
+    """This process's rows of global batch k, with `index`: their positions in the global batch. The Loader gives
+    process p of P the rows p, p + P, p + 2P, ... (data.py); the step draws each row's noise from its position
+    (flow.example_keys), so any number of hosts trains exactly as one does."""
+    batch = loader.batch(k)
+    batch["index"] = np.arange(loader.process_index, loader.global_batch, loader.process_count, dtype=np.int32)
+    return batch
 
 
 def _same_model(cfg: TrainConfig, meta: dict, directory: str) -> None:
@@ -80,7 +96,8 @@ def train(cfg: TrainConfig, init_params=None, stop_after: int | None = None, pro
     else:
         state = init_state(cfg, tx, shardings, init_params)
 
-    step_fn, batch_sh = make_train_step(cfg, mesh, tx, shardings, loader.batch_shapes())
+    step_fn, batch_sh = make_train_step(cfg, mesh, tx, shardings,
+                                        {key: v.shape for key, v in _host_batch(loader, 0).items()})
     scalars = Scalars(os.path.join(cfg.out_dir, "tensorboard"), enabled=jax.process_index() == 0)
     if grids is not None:
         grids.scalars = scalars  # the grids also go to TensorBoard as images
@@ -91,7 +108,7 @@ def train(cfg: TrainConfig, init_params=None, stop_after: int | None = None, pro
                disable=not progress or jax.process_index() != 0)
     window_start, window_images = time.perf_counter(), 0
     for k in bar:
-        host_batch = loader.batch(k)
+        host_batch = _host_batch(loader, k)
         state, metrics = step_fn(state, put_batch(host_batch, batch_sh))
         window_images += cfg.batch_size
         opt_step, boundary = (k + 1) // accum, (k + 1) % accum == 0
