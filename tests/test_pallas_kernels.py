@@ -1,7 +1,7 @@
 """The Pallas GPU kernels of the JAX model (interpreted on CPU here; compiled in tests/test_gpu.py) against their
 XLA siblings, on awkward shapes:
   sana_jax.glu_conv: depthwise conv + gating (width not a power of two, channels not a multiple of the
-    128-channel block, a 1-pixel image); the XLA sibling itself against a plain grouped convolution.
+    channel block, a 1-pixel image); the XLA sibling itself against a plain grouped convolution.
   sana_jax.linear_attention: LiteLA from packed qkv columns (tokens not a multiple of the 64-token step or the
     512-token split, head dim 8 < the 16-wide tensor-core block, q/k held apart as after SANA-1.5's q/k norm).
 Interpreting is slow: the shapes are few and small."""

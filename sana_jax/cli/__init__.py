@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="exit 1 if a sana_jax fp32 activation differs more than this (relative) from "
                              "sana_torch_ref fp32; DESIGN.md: 1e-5 at tiny size, 1e-4 at full size")
 
+    bench = sub.add_parser("bench", help="run a benchmark of the checkout's benchmarks/ folder (JSON lines out; "
+                                         "the anchor is measured in the same run)")
+    bench.add_argument("name", help="transformer, generate, pallas_kernels, profile_jax, litela, dcae_decode, "
+                                    "gemma2_encode, came_update, optimizer_memory")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments (see its --help)")
+
     from sana_jax.cli.generate import add_parser as add_generate
 
     add_generate(sub)
@@ -114,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from sana_jax.cli.commands import run_parity
 
         return run_parity(args)
+    if args.command == "bench":
+        from sana_jax.cli.commands import run_bench
+
+        return run_bench(args)
     if args.command == "generate":
         from sana_jax.cli.generate import run_generate
 

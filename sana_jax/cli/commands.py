@@ -124,3 +124,19 @@ def run_export(args) -> int:
     export(model_cfg, params, args.dest, overwrite=args.overwrite)
     print(f"{args.run}{' (EMA)' if args.ema else ''} -> {args.dest} ({args.to})")
     return 0
+
+
+def run_bench(args) -> int:
+    """`sana-jax bench NAME ...`: run benchmarks/NAME.py of this checkout in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{folder}: no benchmarks folder; `sana-jax bench` runs from a source checkout "
+                         "(pip install -e .)")
+    names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "timing.py")
+    if args.name not in names:
+        raise SystemExit(f"unknown benchmark {args.name!r}; choose one of {', '.join(names)}")
+    return subprocess.call([sys.executable, os.path.join(folder, args.name + ".py"), *args.args])

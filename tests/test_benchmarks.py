@@ -1,0 +1,49 @@
+"""Each GPU benchmark of issue 9 runs once at a tiny size on CPU (through `sana-jax bench`), so none of them rots:
+the JSON lines parse, every measurement has a positive time, and the summaries compare against the anchor."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def bench(*args: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "sana_jax.cli", "bench", *args], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert records, out.stderr[-3000:]
+    errors = [r for r in records if "error" in r]
+    assert not errors, errors
+    return records
+
+
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_transformer_benchmark(mode):
+    records = bench("transformer", mode, "--tiny")
+    measured = [r for r in records if not r.get("summary")]
+    assert {r["impl"] for r in measured} == {"jax", "diffusers_eager"}
+    assert all(r["ms"] > 0 and r["tflops_per_s"] >= 0 for r in measured)
+    summaries = [r for r in records if r.get("summary")]
+    assert summaries and all(r["speedup_vs_diffusers_eager"] > 0 for r in summaries)
+
+
+def test_generate_benchmark():
+    records = bench("generate", "--tiny")
+    assert [r.get("impl") for r in records[:2]] == ["jax", "diffusers_eager"]
+    assert all(r["image_shape"] == [2, 64, 64, 3] and r["images_per_s"] > 0 for r in records[:2])
+    assert records[2]["summary"] and records[2]["speedup_vs_diffusers_eager"] > 0
+
+
+def test_pallas_kernels_benchmark():
+    records = bench("pallas_kernels", "--tiny")
+    assert {(r["op"], r["impl"]) for r in records} == {(op, impl) for op in ("glu", "litela")
+                                                      for impl in ("xla", "pallas")}
+    assert all(r["ms"] > 0 and r["rel_diff"] < 1e-2 for r in records)
+
+
+def test_profile_benchmark():
+    records = bench("profile_jax", "forward", "--tiny", "--top", "3")
+    assert records[-1]["summary"] and records[-1]["device_ms_per_call"] > 0
+    assert len(records) == 4
