@@ -113,4 +113,11 @@ TOLERANCES.update({
     # Measured 0.9e-7 to 1.9e-7; the sharded_fp32 bound. (The weights are not compared across the two: CAME moves
     # a weight whose gradient is rounding noise by a whole lr step either way: 1.6e-4 of max|w| on 2 blocks.)
     "multiprocess_fp32": 1e-5,
+    # cuDNN flash cross-attention (GPU, bf16) vs an fp32 run, per parameter gradient, where it is worse than the
+    # XLA sibling: measured 8.9e-2 on the cross-attention k_norm weight (XLA 1.4e-2) and 5.3e-2 on q_linear (XLA
+    # 1.7e-2); every other parameter is within 1.5x of XLA. Flash attention's backward forms dS from the bf16
+    # output (rowsum(dO * O)) and recomputed probabilities, while XLA differentiates its fp32 softmax; the
+    # cross-attention q/k-path gradients are ~50x smaller than their neighbours' (see tiny_fp32_grad), so the
+    # difference shows as a relative error there only. tests/test_gpu.py.
+    "cudnn_bf16_grad": 1e-1,
 })
