@@ -67,10 +67,15 @@ def _host_batch(loader: Loader, k: int) -> dict:
     return batch
 
 
+# How the model is computed, not what it computes: a run may resume with another remat policy or kernel choice.
+_EXECUTION_FIELDS = ("remat_policy", "attention_impl", "glu_impl", "linear_attn_impl")
+
+
 def _same_model(cfg: TrainConfig, meta: dict, directory: str) -> None:
     saved = meta.get("config", {}).get("model", {})
     current = json.loads(json.dumps(to_dict(cfg)["model"]))
-    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k != "remat_policy"}
+    diff = {k: (saved.get(k), v) for k, v in current.items()
+            if saved.get(k) != v and k not in _EXECUTION_FIELDS}
     if diff:
         raise ValueError(f"{directory}: the checkpoint was trained with another model config; "
                          f"differences (checkpoint, now): {diff}")
