@@ -20,8 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     chain.add_argument("--seed", type=int, default=0)
 
     train = sub.add_parser("train", help="train or fine-tune SANA on a latent + caption-embedding cache")
-    train.add_argument("--recipe", help="a released recipe (sana_600m_1024, sana_1600m_1024, sana_1600m_4k, "
-                                        "sana15_1600m_1024, sana15_4800m_1024); default: the tiny defaults")
+    from sana_jax.train.config import RECIPES
+
+    train.add_argument("--recipe", help=f"a released recipe ({', '.join(RECIPES)}); default: the tiny defaults")
     train.add_argument("--config", help="a JSON or YAML file of TrainConfig fields (nested), applied after --recipe")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one field, e.g. --set optim.lr=2e-5 --set data_dir=/data/cache")
