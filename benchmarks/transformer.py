@@ -63,7 +63,7 @@ def finish(record: dict) -> dict:
         record["ms"] = round(record["ms"], 3)
         record["images_per_s"] = round(record["batch"] / record["ms"] * 1e3, 3)
         record["tflops_per_s"] = round(total / record["ms"] / 1e9, 1)
-        record["mfu"] = round(total / (record["ms"] / 1e3) / PEAK_FLOPS, 4)
+        record["mfu"] = round(total / (record["ms"] / 1e3) / (PEAK_FLOPS * record.get("devices", 1)), 4)
         record["us_per_token"] = round(record["ms"] * 1e3 / (record["batch"] * (record["size"] // 32) ** 2), 4)
     for key in ("peak_bytes", "program_bytes"):
         if record.get(key) is not None:
@@ -104,12 +104,12 @@ def jax_train(case: dict) -> dict:
     import numpy as np
 
     from sana_jax.train import sharding
-    from sana_jax.train.config import OptimConfig, TrainConfig
+    from sana_jax.train.config import MeshConfig, OptimConfig, TrainConfig
     from sana_jax.train.step import init_state, make_optimizer, make_train_step, state_shardings
 
     cfg = TrainConfig(model=model_config(case["model"], case["remat"], case["overrides"]),
                       optim=OptimConfig(name=case["optimizer"], lr=1e-4, warmup_steps=0, clip_grad_norm=0.1),
-                      batch_size=case["batch"])
+                      batch_size=case["batch"], mesh=MeshConfig(*case["mesh"]))
     mesh = sharding.make_mesh(cfg.mesh)
     tx = make_optimizer(cfg)
     _, shardings = state_shardings(cfg, mesh, tx)
@@ -142,7 +142,8 @@ def run_jax(cases: list[dict]) -> None:
 
     device = jax.devices()[0]
     for case in cases:
-        record = {**case, "impl": "jax", "device": device.device_kind, "jax": jax.__version__}
+        record = {**case, "impl": "jax", "device": device.device_kind, "devices": jax.device_count(),
+                  "jax": jax.__version__}
         try:
             record.update(jax_forward(case) if case["mode"] == "forward" else jax_train(case))
         except Exception as err:  # noqa: BLE001 - an OOM at one batch must not end the sweep
@@ -273,7 +274,7 @@ def plan(args) -> tuple[list[dict], list[dict]]:
         else:
             for batch in args.batches:
                 jax_cases += [dict(common, model=name, size=args.size, batch=batch, remat=remat,
-                                   optimizer=args.optimizer) for remat in args.remat]
+                                   optimizer=args.optimizer, mesh=args.mesh) for remat in args.remat]
             torch_cases += [dict(common, model=name, size=args.size, batch=batch, impl=impl, optimizer="came")
                             for impl in ("diffusers_eager", "diffusers_compile") if impl in args.impls
                             for batch in args.torch_batches]
@@ -326,6 +327,8 @@ def main(argv=None) -> int:
                         help="train: PyTorch anchor batches (default 8, DESIGN.md's anchor)")
     parser.add_argument("--remat", nargs="+", default=None, choices=["none", "full", "dots_saveable"],
                         help="train: JAX remat policies (default none)")
+    parser.add_argument("--mesh", default="-1,1,1", help="train: JAX (data, fsdp, tensor) mesh sizes, -1 = the rest "
+                                                        "of the devices, e.g. 1,-1,1 for FSDP over every GPU")
     parser.add_argument("--optimizer", default="came", choices=["came", "came_8bit", "adamw"],
                         help="train: the JAX optimizer (the anchor is always came_pytorch)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -343,6 +346,7 @@ def main(argv=None) -> int:
         return 0
 
     args.overrides = parse_overrides(args.set)
+    args.mesh = [int(v) for v in args.mesh.split(",")]
     tiny = args.tiny
     args.models = args.models or (["tiny"] if tiny else ["sana_600m", "sana_1600m"])
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else \
