@@ -14,14 +14,14 @@ import jax
 import numpy as np
 import pytest
 
-from sana_jax.train import sharding, shapes
+from sana_jax.train import sharding
 from sana_jax.train.checkpoint import Checkpoints
 from sana_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-from sana_jax.train.data import Loader, write_cache
+from sana_jax.train.data import Loader
 from sana_jax.train.loop import _host_batch
 from sana_jax.train.step import make_optimizer, state_shardings
 from tests.helpers import assert_close
-from tests.test_train import MODEL, tiny_config
+from tests.test_train import MODEL, cache, tiny_config  # noqa: F401 (cache: the shared shapes-cache fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300  # a hung coordinator or collective fails the test instead of blocking CI
@@ -59,14 +59,6 @@ def distributed_config(cache, out_dir) -> TrainConfig:
                        mesh=MeshConfig(data=1, fsdp=2),
                        optim=OptimConfig(name="came", lr=1e-4, warmup_steps=2, clip_grad_norm=0.1, ema_decay=0.9),
                        sample_count=4, sample_steps=2)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("cache") / "data")
-    null_y, null_mask = shapes.encode_caption("", shapes.word_table())
-    write_cache(path, shapes.examples(96, seed=0), null_y, null_mask, shard_size=40)
-    return path
 
 
 def _free_port() -> int:
