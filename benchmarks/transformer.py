@@ -108,7 +108,8 @@ def jax_train(case: dict) -> dict:
     from sana_jax.train.step import init_state, make_optimizer, make_train_step, state_shardings
 
     cfg = TrainConfig(model=model_config(case["model"], case["remat"], case["overrides"]),
-                      optim=OptimConfig(name=case["optimizer"], lr=1e-4, warmup_steps=0, clip_grad_norm=0.1),
+                      optim=OptimConfig(name=case["optimizer"], lr=1e-4, warmup_steps=0, clip_grad_norm=0.1,
+                                        layer_group=case["layer_group"]),
                       batch_size=case["batch"], mesh=MeshConfig(*case["mesh"]))
     mesh = sharding.make_mesh(cfg.mesh)
     tx = make_optimizer(cfg)
@@ -274,7 +275,8 @@ def plan(args) -> tuple[list[dict], list[dict]]:
         else:
             for batch in args.batches:
                 jax_cases += [dict(common, model=name, size=args.size, batch=batch, remat=remat,
-                                   optimizer=args.optimizer, mesh=args.mesh) for remat in args.remat]
+                                   optimizer=args.optimizer, layer_group=group, mesh=args.mesh)
+                              for remat in args.remat for group in args.layer_groups]
             torch_cases += [dict(common, model=name, size=args.size, batch=batch, impl=impl, optimizer="came")
                             for impl in ("diffusers_eager", "diffusers_compile") if impl in args.impls
                             for batch in args.torch_batches]
@@ -302,8 +304,9 @@ def summaries(records: list[dict]) -> list[dict]:
         key = (rec["model"], rec["mode"], rec["size"], rec["batch"])
         summary = {"summary": True, "model": rec["model"], "mode": rec["mode"], "size": rec["size"],
                    "batch": rec["batch"], "jax_ms": rec["ms"], "jax_mfu": rec["mfu"]}
-        if "remat" in rec:
-            summary["remat"] = rec["remat"]
+        for key in ("remat", "layer_group"):
+            if key in rec:
+                summary[key] = rec[key]
         for ref in records:
             if ref.get("impl", "jax") != "jax" and ref.get("ms") and \
                     (ref["model"], ref["mode"], ref["size"], ref["batch"]) == key:
@@ -331,6 +334,9 @@ def main(argv=None) -> int:
                                                         "of the devices, e.g. 1,-1,1 for FSDP over every GPU")
     parser.add_argument("--optimizer", default="came", choices=["came", "came_8bit", "adamw"],
                         help="train: the JAX optimizer (the anchor is always came_pytorch)")
+    parser.add_argument("--layer-groups", type=int, nargs="+", default=[0], metavar="N",
+                        help="train: CAME's optim.layer_group values (stacked layers updated N at a time in "
+                             "place; default 0 = all at once)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="JAX model config override, e.g. --set attention_impl=xla --set glu_impl=xla")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 10; tiny 1)")

@@ -35,9 +35,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     lr = optax.warmup_constant_schedule(0.0, cfg.effective_lr, max(o.warmup_steps, 1)) if o.warmup_steps else \
         cfg.effective_lr
     if o.name == "came":
-        base = optim.came(lr, weight_decay=o.weight_decay)
+        base = optim.came(lr, weight_decay=o.weight_decay, layer_group=o.layer_group or None)
     elif o.name == "came_8bit":
-        base = optim.came_8bit(lr, weight_decay=o.weight_decay)
+        base = optim.came_8bit(lr, weight_decay=o.weight_decay, layer_group=o.layer_group or None)
     elif o.name == "adamw":
         base = optax.adamw(lr, weight_decay=o.weight_decay)
     else:
