@@ -12,11 +12,10 @@ Two implementations of the same function:
   `glu_dwconv_xla`    SiLU, zero padding and nine shifted multiply-adds (portable; fuses on every backend;
                       XLA:CPU's grouped-conv backward was ~100x slower than this form).
   `glu_dwconv_pallas` a Pallas (Triton) GPU kernel: one program per (image, strip of output rows, channel
-                      block) walks down the strip's input rows once, applies the SiLU as it loads them (three
-                      column-shifted loads per row) and keeps the three output rows the row feeds in registers,
-                      so neither the SiLU'd, padded input nor the [B, H, W, 2F] convolution output goes to
-                      memory. Its backward is the XLA sibling's (recomputed). `interpret=True` runs it on any
-                      backend (tests).
+                      block) walks down the strip's input rows once, applies the SiLU as it loads each row and
+                      keeps the three output rows the row feeds in registers, so neither the SiLU'd, padded input
+                      nor the [B, H, W, 2F] convolution output goes to memory. Its backward is the XLA sibling's
+                      (recomputed). `interpret=True` runs it on any backend (tests).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from jax.experimental import pallas as pl
 # program.
 def channel_block(width: int) -> int:
     rows = pl.next_power_of_2(width)
-    return 64 if rows <= 32 else max(16, 2048 // rows)
+    return 32 if rows <= 32 else 16
 
 
 STRIP_ROWS = 8
@@ -67,6 +66,14 @@ def glu_dwconv_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
     return _gate(value, gate, x.dtype)
 
 
+def _fast_silu(x, out_dtype):
+    """silu(x) for fp32 x, rounded to out_dtype, as in-kernel arithmetic: sigmoid = rsqrt(1 + 2^(-x log2 e))^2
+    (two approximate special-function ops instead of a libdevice exp and an IEEE division; the error, a few fp32
+    ulps, changes a bf16 result only where it sits on a rounding boundary)."""
+    root = jax.lax.rsqrt(1.0 + jnp.exp2(x * -1.4426950408889634))
+    return (x * (root * root)).astype(out_dtype)
+
+
 def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: int, rows: int, block_c: int,
             strip: int, front: int):
     """Output rows [h0, h0 + strip) of one image, one block of channels. x_ref: [front + B*H*W, 2F] (flat rows,
@@ -74,7 +81,9 @@ def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: in
 
     Input row r feeds output rows r + 1 (kernel row 0), r (row 1) and r - 1 (row 2). The loop walks r from
     h0 - 1 to h0 + strip with three accumulators (outputs r - 1, r, r + 1, value and gate halves); after row r,
-    output r - 1 is complete and stored, and the accumulators move up one row.
+    output r - 1 is complete and stored, and the accumulators move up one row. Each input row is loaded and
+    SiLU'd once; its left and right neighbours (dx = 0, 2) come from products with 0/1 shift matrices on the
+    tensor cores, which are exact (one nonzero term per output, fp32 accumulation).
     """
     from jax.experimental.pallas import triton as plgpu
 
@@ -83,9 +92,12 @@ def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: in
     c0 = pl.program_id(1) * block_c
     w = jnp.arange(rows)
     valid_c = (c0 + jnp.arange(block_c)) < features
-    acc = jnp.float32
+    acc, dtype = jnp.float32, x_ref.dtype
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None  # fp32: no TF32 rounding
+    # [rows, rows]: row w of shift[0] picks pixel w - 1, of shift[1] pixel w + 1 (nothing past the tile's ends).
+    shifts = ((w[:, None] - 1 == w[None, :]).astype(dtype), (w[:, None] + 1 == w[None, :]).astype(dtype))
 
-    def weights(half):  # [1, C_blk] per tap: (dy, dx) -> taps of this half
+    def weights(half):  # [1, C_blk] per tap: [dy][dx]
         cols = pl.ds(half * features + c0, block_c)
         return [[plgpu.load(k_ref.at[pl.ds(dy * 3 + dx, 1), cols], mask=valid_c[None, :], other=0).astype(acc)
                  for dx in range(3)] for dy in range(3)]
@@ -96,18 +108,16 @@ def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: in
 
     def step(i, carry):
         r = h0 - 1 + i
-        row_ok = (r >= 0) & (r < height)
+        mask = (((r >= 0) & (r < height)) & (w < width))[:, None] & valid_c[None, :]
+        start = front + (b * height + r) * width  # flat row of pixel (b, r, 0)
         carry = list(carry)  # [above (r - 1), here (r), below (r + 1)] x [value, gate]
-        for dx in range(3):
-            col = w + dx - 1
-            mask = (row_ok & (col >= 0) & (col < width))[:, None] & valid_c[None, :]
-            start = front + (b * height + r) * width + dx - 1  # flat row of pixel (b, r, dx - 1)
-            for half in range(2):
-                x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(half * features + c0, block_c)],
-                               mask=mask, other=0)
-                s = _silu(x).astype(acc)  # silu(0) = 0: masked pixels are the zero padding
+        for half in range(2):
+            x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(half * features + c0, block_c)], mask=mask, other=0)
+            s = _fast_silu(x.astype(acc), dtype)  # silu(0) = 0: masked pixels are the zero padding
+            left, right = (jnp.dot(shift, s, precision=precision, preferred_element_type=acc) for shift in shifts)
+            for dx, term in enumerate((left, s.astype(acc), right)):
                 for out, dy in ((0, 2), (1, 1), (2, 0)):
-                    carry[2 * out + half] = carry[2 * out + half] + s * taps[half][dy][dx]
+                    carry[2 * out + half] = carry[2 * out + half] + term * taps[half][dy][dx]
         out_row = r - 1
         store_mask = ((i >= 2) & (out_row < height) & (w < width))[:, None] & valid_c[None, :]
         plgpu.store(o_ref.at[pl.ds((b * height + jnp.maximum(out_row, 0)) * width, rows), pl.ds(c0, block_c)],
@@ -127,15 +137,15 @@ def _pallas_forward(x, kernel, bias, interpret: bool, block_c: int | None = None
                     strip: int | None = None):
     batch, height, width, channels = x.shape
     features = channels // 2
-    rows = pl.next_power_of_2(width)
+    rows = max(16, pl.next_power_of_2(width))  # 16: the smallest tensor-core tile of the shift products
     block_c = block_c or channel_block(width)
     num_warps = num_warps or 4
     strip = min(strip or STRIP_ROWS, height)
     flat = x.reshape(-1, channels)
-    # The loads of pixel (0, 0)'s left and upper neighbours start before the array. On the GPU they are masked
-    # pointer offsets; the interpreter instead clamps a slice's start into the array (shifting the whole tile), so
-    # there the rows get a leading pad and every start moves by it.
-    front = width + 1 if interpret else 0
+    # The load of image 0's row -1 starts before the array. On the GPU it is a masked pointer offset; the
+    # interpreter instead clamps a slice's start into the array (shifting the whole tile), so there the rows get a
+    # leading pad and every start moves by it.
+    front = width if interpret else 0
     flat = jnp.pad(flat, ((front, 0), (0, 0))) if front else flat
     call = pl.pallas_call(
         functools.partial(_kernel, height=height, width=width, features=features, rows=rows, block_c=block_c,
