@@ -52,7 +52,7 @@ def bench_glu(shape, args, interpret):
     ideal_bytes = x.size * 2 + b * h * w * f * 2
     ref = jax.jit(glu_conv.glu_dwconv_xla)(x, kernel, bias)
     variants = [("xla", jax.jit(glu_conv.glu_dwconv_xla), {})]
-    tiles = [(c, warps, strip) for c in (16, 32, 64) for warps in (4, 8) for strip in (8, 16, 32)]
+    tiles = [(c, warps, strip) for c in (16, 32, 64) for warps in (2, 4, 8) for strip in (16, 32)]
     for block_c, warps, strip in (tiles if args.sweep else [(None, None, None)]):
         kwargs = {k: v for k, v in dict(block_c=block_c, num_warps=warps, strip=strip).items() if v is not None}
         fn = jax.jit(functools.partial(glu_conv._pallas_forward, interpret=interpret, **kwargs))

@@ -27,15 +27,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 
-# Launch parameters from benchmarks/pallas_kernels.py --sweep on H100 (RESULTS.md): channels per program and warps
-# by image-row width (wider rows take fewer channels so the [row, channel] tiles stay in registers), output rows per
-# program.
-def channel_block(width: int) -> int:
-    rows = pl.next_power_of_2(width)
-    return 32 if rows <= 32 else 16
+# Launch parameters from benchmarks/pallas_kernels.py --sweep on H100 (RESULTS.md): 16 channels and 8 warps per
+# program at every width (32 and 64 channels spill at 128-pixel rows and were no faster at 32), 32 output rows per
+# program while a row is at most 32 pixels (the 1024 px latent grid), 16 for the 128-pixel rows of 4096 px.
+CHANNEL_BLOCK = 16
+NUM_WARPS = 8
 
 
-STRIP_ROWS = 8
+def strip_rows(width: int) -> int:
+    return 32 if width <= 32 else 16
 
 
 def _accum(dtype) -> jnp.dtype:
@@ -81,9 +81,8 @@ def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: in
 
     Input row r feeds output rows r + 1 (kernel row 0), r (row 1) and r - 1 (row 2). The loop walks r from
     h0 - 1 to h0 + strip with three accumulators (outputs r - 1, r, r + 1, value and gate halves); after row r,
-    output r - 1 is complete and stored, and the accumulators move up one row. Each input row is loaded and
-    SiLU'd once; its left and right neighbours (dx = 0, 2) come from products with 0/1 shift matrices on the
-    tensor cores, which are exact (one nonzero term per output, fp32 accumulation).
+    output r - 1 is complete and stored, and the accumulators move up one row. Each input row is loaded (from
+    cache after the first) and SiLU'd three times, shifted by -1, 0 and +1 pixels.
     """
     from jax.experimental.pallas import triton as plgpu
 
@@ -93,9 +92,6 @@ def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: in
     w = jnp.arange(rows)
     valid_c = (c0 + jnp.arange(block_c)) < features
     acc, dtype = jnp.float32, x_ref.dtype
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None  # fp32: no TF32 rounding
-    # [rows, rows]: row w of shift[0] picks pixel w - 1, of shift[1] pixel w + 1 (nothing past the tile's ends).
-    shifts = ((w[:, None] - 1 == w[None, :]).astype(dtype), (w[:, None] + 1 == w[None, :]).astype(dtype))
 
     def weights(half):  # [1, C_blk] per tap: [dy][dx]
         cols = pl.ds(half * features + c0, block_c)
@@ -108,16 +104,18 @@ def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: in
 
     def step(i, carry):
         r = h0 - 1 + i
-        mask = (((r >= 0) & (r < height)) & (w < width))[:, None] & valid_c[None, :]
-        start = front + (b * height + r) * width  # flat row of pixel (b, r, 0)
+        row_ok = (r >= 0) & (r < height)
         carry = list(carry)  # [above (r - 1), here (r), below (r + 1)] x [value, gate]
-        for half in range(2):
-            x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(half * features + c0, block_c)], mask=mask, other=0)
-            s = _fast_silu(x.astype(acc), dtype)  # silu(0) = 0: masked pixels are the zero padding
-            left, right = (jnp.dot(shift, s, precision=precision, preferred_element_type=acc) for shift in shifts)
-            for dx, term in enumerate((left, s.astype(acc), right)):
+        for dx in range(3):
+            col = w + dx - 1
+            mask = (row_ok & (col >= 0) & (col < width))[:, None] & valid_c[None, :]
+            start = front + (b * height + r) * width + dx - 1  # flat row of pixel (b, r, dx - 1)
+            for half in range(2):
+                x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(half * features + c0, block_c)],
+                               mask=mask, other=0)
+                s = _fast_silu(x.astype(acc), dtype).astype(acc)  # silu(0) = 0: masked pixels are the padding
                 for out, dy in ((0, 2), (1, 1), (2, 0)):
-                    carry[2 * out + half] = carry[2 * out + half] + term * taps[half][dy][dx]
+                    carry[2 * out + half] = carry[2 * out + half] + s * taps[half][dy][dx]
         out_row = r - 1
         store_mask = ((i >= 2) & (out_row < height) & (w < width))[:, None] & valid_c[None, :]
         plgpu.store(o_ref.at[pl.ds((b * height + jnp.maximum(out_row, 0)) * width, rows), pl.ds(c0, block_c)],
@@ -137,15 +135,15 @@ def _pallas_forward(x, kernel, bias, interpret: bool, block_c: int | None = None
                     strip: int | None = None):
     batch, height, width, channels = x.shape
     features = channels // 2
-    rows = max(16, pl.next_power_of_2(width))  # 16: the smallest tensor-core tile of the shift products
-    block_c = block_c or channel_block(width)
-    num_warps = num_warps or 4
-    strip = min(strip or STRIP_ROWS, height)
+    rows = pl.next_power_of_2(width)
+    block_c = block_c or CHANNEL_BLOCK
+    num_warps = num_warps or NUM_WARPS
+    strip = min(strip or strip_rows(width), height)
     flat = x.reshape(-1, channels)
-    # The load of image 0's row -1 starts before the array. On the GPU it is a masked pointer offset; the
+    # The loads of image 0's row -1 and of pixel (0, 0)'s left neighbour start before the array. On the GPU it is a masked pointer offset; the
     # interpreter instead clamps a slice's start into the array (shifting the whole tile), so there the rows get a
     # leading pad and every start moves by it.
-    front = width if interpret else 0
+    front = width + 1 if interpret else 0
     flat = jnp.pad(flat, ((front, 0), (0, 0))) if front else flat
     call = pl.pallas_call(
         functools.partial(_kernel, height=height, width=width, features=features, rows=rows, block_c=block_c,
