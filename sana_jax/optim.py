@@ -508,35 +508,37 @@ def _update_layer_groups(leaf_update, layouts: list[LeafLayout], leaves: list[tu
     """`leaf_update` on every stacked leaf, `group` layers at a time, written back in place.
 
     leaves[i] = (gradient, *state fields) of a stacked leaf; the result replaces each real field (and the gradient,
-    by the update direction) slice by slice inside one loop over the layer groups, so XLA updates those buffers
-    in place and the step's temporaries are one group's size instead of a second copy of every gradient and the
-    fp32 form of every 8-bit moment. Statistics are per layer either way, so the result is the all-at-once one.
+    by the update direction) slice by slice inside one loop over the layer groups (a last, smaller group when
+    `group` does not divide the layers), so XLA updates those buffers in place and the step's temporaries are one
+    group's size instead of a second copy of every gradient and the fp32 form of every 8-bit moment. Statistics
+    are per layer either way.
     """
     layers = leaves[0][0].shape[0]
-    for layout, fields in zip(layouts, leaves):
+    for fields in leaves:
         if fields[0].shape[0] != layers:
             raise ValueError(f"stacked leaves disagree on the layer count: {fields[0].shape[0]} vs {layers}")
-    if layers % group:
-        raise ValueError(f"layer_group={group} must divide the {layers} stacked layers")
 
     def carried(fields, real):  # the gradient (always) and the real state fields: what the loop updates
         return [f for f, r in zip(fields, (True, *real)) if r]
 
-    def body(index, carry):
-        start = index * group
+    def update_slice(carry, start, size: int):
         new_carry = []
         for layout, fields, real, mine in zip(layouts, leaves, is_real, carry):
-            part = iter(jax.lax.dynamic_slice_in_dim(a, start, group) for a in mine)
+            part = iter(jax.lax.dynamic_slice_in_dim(a, start, size) for a in mine)
             sliced = tuple(next(part) if r else f for f, r in zip(fields, (True, *real)))
             updated = leaf_update(layout, sliced[0], sliced[1:])
             new_carry.append([jax.lax.dynamic_update_slice_in_dim(a, u.astype(a.dtype), start, 0)
                               for a, u in zip(mine, carried(updated, real))])
         return new_carry
 
-    init = [carried(fields, real) for fields, real in zip(leaves, is_real)]
-    final = jax.lax.fori_loop(0, layers // group, body, init)
+    carry = [carried(fields, real) for fields, real in zip(leaves, is_real)]
+    group = min(group, layers)
+    full, rest = divmod(layers, group)
+    carry = jax.lax.fori_loop(0, full, lambda i, c: update_slice(c, i * group, group), carry)
+    if rest:
+        carry = update_slice(carry, full * group, rest)
     out = []
-    for fields, real, mine in zip(leaves, is_real, final):
+    for fields, real, mine in zip(leaves, is_real, carry):
         part = iter(mine)
         out.append(tuple(next(part) if r else f for f, r in zip(fields, (True, *real))))
     return out
@@ -604,8 +606,9 @@ def scale_by_came(
       layer_group: None (default) updates every leaf at once. n >= 1 updates the stacked leaves n layers at a
         time, in place, in one loop over the layer groups: the same maths (equal up to fp32 rounding: the loop
         body fuses its reductions differently), with temporaries of n layers instead of a second copy of the
-        tree (what lets Sana-1.5-4.8B train on one 80 GB GPU), at the cost of a loop of small kernels. n must
-        divide the layer count. Under optax.inject_hyperparams a given n must be listed in static_args.
+        tree (what lets Sana-1.5-4.8B train on one 80 GB GPU), at the cost of a loop of small kernels. When n
+        does not divide the layer count the last group is smaller. Under optax.inject_hyperparams a given n must
+        be listed in static_args.
     Returns:
       An optax.GradientTransformation; updates have the gradients' dtype, states are fp32.
     """

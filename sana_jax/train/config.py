@@ -40,8 +40,8 @@ class OptimConfig:
     auto_lr: Literal["sqrt", "none"] = "none"  # SANA's dataclass default is sqrt(global_batch / 256); yamls inherit it
     grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
     ema_decay: float | None = None  # e.g. 0.9999; None keeps no EMA copy
-    # CAME / CAME-8bit: update the stacked blocks this many layers at a time, in place (optim.scale_by_came); 0
-    # updates every leaf at once. Same numbers, less memory: what fits Sana-1.5-4.8B on one 80 GB GPU.
+    # CAME / CAME-8bit: update the stacked blocks this many layers at a time, in place (optim.scale_by_came; the
+    # last group is smaller if it does not divide the depth); 0 updates every leaf at once. Same numbers, less memory: what fits Sana-1.5-4.8B on one 80 GB GPU.
     layer_group: int = 0
 
 
@@ -89,9 +89,8 @@ class TrainConfig:
             fail(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
         if not 0.0 <= self.flow.caption_dropout < 1.0:
             fail(f"flow.caption_dropout must be in [0, 1), got {self.flow.caption_dropout}")
-        if self.optim.layer_group < 0 or (self.optim.layer_group and self.model.depth % self.optim.layer_group):
-            fail(f"optim.layer_group must be 0 or divide the model's {self.model.depth} layers, "
-                 f"got {self.optim.layer_group}")
+        if self.optim.layer_group < 0:
+            fail(f"optim.layer_group must be >= 0 (0: every layer at once), got {self.optim.layer_group}")
         if self.flow.shift <= 0:
             fail(f"flow.shift must be positive, got {self.flow.shift}")
         if self.optim.lr < 0:
