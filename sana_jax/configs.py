@@ -56,8 +56,7 @@ class SanaConfig:
     # (CUDA GPUs, bf16/fp16 compute; logits stay fp32 inside the kernel, the [B, H, N, L] probabilities are never
     # stored). "auto": cudnn when the default backend is a CUDA GPU and compute_dtype is 16-bit, else xla.
     attention_impl: AttentionImpl = "auto"
-    # GLUMBConv's SiLU + depthwise 3x3 + gating (sana_jax/glu_conv.py). "xla": SiLU, pad and nine shifted
-    # multiply-adds, any backend.
+    # GLUMBConv's depthwise 3x3 + gating (sana_jax/glu_conv.py). "xla": nine shifted multiply-adds, any backend.
     # "pallas": one fused GPU kernel, same fp32 accumulation (CUDA GPUs). "auto": pallas on a CUDA GPU, else xla.
     glu_impl: KernelImpl = "auto"
     # LiteLA (sana_jax/linear_attention.py): "xla" einsums in fp32, any backend; "pallas" a two-pass GPU kernel

@@ -1,21 +1,19 @@
-"""GLUMBConv's middle: SiLU, 3x3 depthwise convolution + bias, then value * SiLU(gate), in one pass.
+"""GLUMBConv's middle: 3x3 depthwise convolution + bias, then value * SiLU(gate), in one pass.
 
     out[b, h, w, c] = v * silu(g),  v = dw[c] + bias[c],  g = dw[c + F] + bias[c + F]
-    dw[j] = sum_{dy, dx in 0..2} s[b, h + dy - 1, w + dx - 1, j] * kernel[dy, dx, j]
-    s = silu(x) rounded to x's dtype, zero outside the image (padding 1)
+    dw[j] = sum_{dy, dx in 0..2} padded[b, h + dy, w + dx, j] * kernel[dy, dx, j]
 
-`x` is the inverted 1x1 conv's output [B, H, W, 2F] (bias included, before its SiLU). The nine-tap sum and the bias
-add run in fp32 and round once to the activation dtype, as a cuDNN / PyTorch depthwise convolution does; the
-gating then rounds like the eager ops.
+`padded` is the SiLU'd inverted-conv output [B, H + 2, W + 2, 2F] with a zero border (SiLU(0) = 0, so padding
+before or after the SiLU is the same). The nine-tap sum and the bias add run in fp32 and round once to the
+activation dtype, as a cuDNN / PyTorch depthwise convolution does; the gating then rounds like the eager ops.
 
 Two implementations of the same function:
-  `glu_dwconv_xla`    SiLU, zero padding and nine shifted multiply-adds (portable; fuses on every backend;
-                      XLA:CPU's grouped-conv backward was ~100x slower than this form).
-  `glu_dwconv_pallas` a Pallas (Triton) GPU kernel: one program per (image, strip of output rows, channel
-                      block) walks down the strip's input rows once, applies the SiLU as it loads each row and
-                      keeps the three output rows the row feeds in registers, so neither the SiLU'd, padded input
-                      nor the [B, H, W, 2F] convolution output goes to memory. Its backward is the XLA sibling's
-                      (recomputed). `interpret=True` runs it on any backend (tests).
+  `glu_dwconv_xla`    nine shifted multiply-adds (portable; fuses on every backend; XLA:CPU's grouped-conv
+                      backward was ~100x slower than this form).
+  `glu_dwconv_pallas` a Pallas (Triton) GPU kernel: one program per output row and channel block reads the
+                      three padded input rows of both halves (cache-resident after the first touch) and writes
+                      the gated row, so the [B, H, W, 2F] convolution output never goes to memory. Its backward is
+                      the XLA sibling's (recomputed). `interpret=True` runs it on any backend (tests).
 """
 
 from __future__ import annotations
@@ -26,103 +24,69 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-
-# Launch parameters from benchmarks/pallas_kernels.py --sweep on H100 (RESULTS.md): 16 channels and 8 warps per
-# program at every width (32 and 64 channels spill at 128-pixel rows and were no faster at 32), 32 output rows per
-# program while a row is at most 32 pixels (the 1024 px latent grid), 16 for the 128-pixel rows of 4096 px.
-CHANNEL_BLOCK = 16
-NUM_WARPS = 8
-
-
-def strip_rows(width: int) -> int:
-    return 32 if width <= 32 else 16
+# Channels per program (and warps: 8 with 128 channels, else 4), from benchmarks/pallas_kernels.py --sweep on
+# H100 (RESULTS.md): 128 channels while an image row is at most 32 pixels (the 1024 px latent grid), 64 for the
+# 128-pixel rows of 4096 px, whose [row, channel] tiles would otherwise spill.
+def channel_block(width: int) -> int:
+    rows = pl.next_power_of_2(width)
+    return 128 if rows <= 32 else max(16, 8192 // rows)
 
 
 def _accum(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _silu(x):
-    """SiLU computed in fp32 and rounded once to x's dtype (what torch's kernel and XLA's fused form give)."""
-    return jax.nn.silu(x.astype(_accum(x.dtype))).astype(x.dtype)
-
-
 def _gate(dw_value, dw_gate, out_dtype):
     """fp32 convolution outputs (bias included) -> value * silu(gate), rounded as the eager ops round."""
     value, gate = dw_value.astype(out_dtype), dw_gate.astype(out_dtype)
-    return value * _silu(gate)
+    gated = jax.nn.silu(gate.astype(_accum(out_dtype))).astype(out_dtype)
+    return value * gated
 
 
-def glu_dwconv_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """x [B, H, W, 2F] (before SiLU), kernel [3, 3, 2F], bias [2F] -> [B, H, W, F] in x's dtype."""
-    acc = _accum(x.dtype)
-    height, width = x.shape[1], x.shape[2]
-    padded = jnp.pad(_silu(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+def glu_dwconv_xla(padded: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """padded [B, H+2, W+2, 2F], kernel [3, 3, 2F], bias [2F] -> [B, H, W, F] in padded's dtype."""
+    acc = _accum(padded.dtype)
+    height, width = padded.shape[1] - 2, padded.shape[2] - 2
     total = bias.astype(acc)
     for dy in range(3):
         for dx in range(3):
             total = total + padded[:, dy:dy + height, dx:dx + width, :].astype(acc) * kernel[dy, dx].astype(acc)
     value, gate = jnp.split(total, 2, axis=-1)
-    return _gate(value, gate, x.dtype)
+    return _gate(value, gate, padded.dtype)
 
 
-def _fast_silu(x, out_dtype):
-    """silu(x) for fp32 x, rounded to out_dtype, as in-kernel arithmetic: sigmoid = rsqrt(1 + 2^(-x log2 e))^2
-    (two approximate special-function ops instead of a libdevice exp and an IEEE division; the error, a few fp32
-    ulps, changes a bf16 result only where it sits on a rounding boundary)."""
-    root = jax.lax.rsqrt(1.0 + jnp.exp2(x * -1.4426950408889634))
-    return (x * (root * root)).astype(out_dtype)
-
-
-def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: int, rows: int, block_c: int,
-            strip: int, front: int):
-    """Output rows [h0, h0 + strip) of one image, one block of channels. x_ref: [front + B*H*W, 2F] (flat rows,
-    `front` leading rows of padding, see _pallas_forward); o_ref: [B*H*W, F]; k_ref [9, 2F]; b_ref [2F] fp32.
-
-    Input row r feeds output rows r + 1 (kernel row 0), r (row 1) and r - 1 (row 2). The loop walks r from
-    h0 - 1 to h0 + strip with three accumulators (outputs r - 1, r, r + 1, value and gate halves); after row r,
-    output r - 1 is complete and stored, and the accumulators move up one row. Each input row is loaded (from
-    cache after the first) and SiLU'd three times, shifted by -1, 0 and +1 pixels.
-    """
+def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: int, rows: int, block_c: int):
+    """One output row (b, h) x one block of channels. x_ref: padded rows [B*(H+2)*(W+2), 2F] (flat);
+    o_ref: [B*H*W, F]; k_ref [9, 2F]; b_ref [2F]."""
     from jax.experimental.pallas import triton as plgpu
 
-    strips = pl.cdiv(height, strip)
-    b, h0 = pl.program_id(0) // strips, (pl.program_id(0) % strips) * strip
-    c0 = pl.program_id(1) * block_c
+    row, block = pl.program_id(0), pl.program_id(1)
+    b, h = row // height, row % height
     w = jnp.arange(rows)
-    valid_c = (c0 + jnp.arange(block_c)) < features
-    acc, dtype = jnp.float32, x_ref.dtype
-
-    def weights(half):  # [1, C_blk] per tap: [dy][dx]
-        cols = pl.ds(half * features + c0, block_c)
-        return [[plgpu.load(k_ref.at[pl.ds(dy * 3 + dx, 1), cols], mask=valid_c[None, :], other=0).astype(acc)
-                 for dx in range(3)] for dy in range(3)]
-
-    taps = (weights(0), weights(1))
-    biases = tuple(plgpu.load(b_ref.at[pl.ds(half * features + c0, block_c)], mask=valid_c, other=0
-                              )[None, :] + jnp.zeros((rows, block_c), acc) for half in range(2))
-
-    def step(i, carry):
-        r = h0 - 1 + i
-        row_ok = (r >= 0) & (r < height)
-        carry = list(carry)  # [above (r - 1), here (r), below (r + 1)] x [value, gate]
+    c = block * block_c + jnp.arange(block_c)
+    valid_c = c < features
+    valid = (w < width)[:, None] & valid_c[None, :]
+    acc = jnp.float32
+    dw_value = plgpu.load(b_ref.at[pl.ds(block * block_c, block_c)], mask=valid_c,
+                          other=0).astype(acc)[None, :] + jnp.zeros((rows, block_c), acc)
+    dw_gate = plgpu.load(b_ref.at[pl.ds(features + block * block_c, block_c)], mask=valid_c,
+                         other=0).astype(acc)[None, :] + jnp.zeros((rows, block_c), acc)
+    for dy in range(3):
         for dx in range(3):
-            col = w + dx - 1
-            mask = (row_ok & (col >= 0) & (col < width))[:, None] & valid_c[None, :]
-            start = front + (b * height + r) * width + dx - 1  # flat row of pixel (b, r, dx - 1)
+            start = (b * (height + 2) + h + dy) * (width + 2) + dx  # flat padded row of (b, h + dy, dx)
+            tap = dy * 3 + dx
             for half in range(2):
-                x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(half * features + c0, block_c)],
-                               mask=mask, other=0)
-                s = _fast_silu(x.astype(acc), dtype).astype(acc)  # silu(0) = 0: masked pixels are the padding
-                for out, dy in ((0, 2), (1, 1), (2, 0)):
-                    carry[2 * out + half] = carry[2 * out + half] + s * taps[half][dy][dx]
-        out_row = r - 1
-        store_mask = ((i >= 2) & (out_row < height) & (w < width))[:, None] & valid_c[None, :]
-        plgpu.store(o_ref.at[pl.ds((b * height + jnp.maximum(out_row, 0)) * width, rows), pl.ds(c0, block_c)],
-                    _gate(carry[0], carry[1], o_ref.dtype), mask=store_mask)
-        return (*carry[2:], *biases)
-
-    jax.lax.fori_loop(0, strip + 2, step, (*biases, *biases, *biases))
+                c0 = half * features + block * block_c
+                x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(c0, block_c)], mask=valid, other=0)
+                k = plgpu.load(k_ref.at[pl.ds(tap, 1), pl.ds(c0, block_c)], mask=valid_c[None, :], other=0)
+                term = x.astype(acc) * k.astype(acc)  # [rows, C_blk] * [1, C_blk]
+                if half == 0:
+                    dw_value = dw_value + term
+                else:
+                    dw_gate = dw_gate + term
+    out = _gate(dw_value, dw_gate, o_ref.dtype)
+    plgpu.store(o_ref.at[pl.ds(row * width, rows), pl.ds(block * block_c, block_c)], out,
+                mask=valid)
 
 
 def _triton_params(num_warps: int):
@@ -131,44 +95,37 @@ def _triton_params(num_warps: int):
     return plgpu.CompilerParams(num_warps=num_warps)
 
 
-def _pallas_forward(x, kernel, bias, interpret: bool, block_c: int | None = None, num_warps: int | None = None,
-                    strip: int | None = None):
-    batch, height, width, channels = x.shape
+def _pallas_forward(padded, kernel, bias, interpret: bool, block_c: int | None = None,
+                    num_warps: int | None = None):
+    batch, height, width, channels = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2, padded.shape[3]
     features = channels // 2
     rows = pl.next_power_of_2(width)
-    block_c = block_c or CHANNEL_BLOCK
-    num_warps = num_warps or NUM_WARPS
-    strip = min(strip or strip_rows(width), height)
-    flat = x.reshape(-1, channels)
-    # The loads of image 0's row -1 and of pixel (0, 0)'s left neighbour start before the array. On the GPU it is a masked pointer offset; the
-    # interpreter instead clamps a slice's start into the array (shifting the whole tile), so there the rows get a
-    # leading pad and every start moves by it.
-    front = width + 1 if interpret else 0
-    flat = jnp.pad(flat, ((front, 0), (0, 0))) if front else flat
+    block_c = block_c or channel_block(width)
+    num_warps = num_warps or (8 if block_c == 128 else 4)
+    flat = padded.reshape(-1, channels)
     call = pl.pallas_call(
-        functools.partial(_kernel, height=height, width=width, features=features, rows=rows, block_c=block_c,
-                          strip=strip, front=front),
-        out_shape=jax.ShapeDtypeStruct((batch * height * width, features), x.dtype),
-        grid=(batch * pl.cdiv(height, strip), pl.cdiv(features, block_c)),
+        functools.partial(_kernel, height=height, width=width, features=features, rows=rows, block_c=block_c),
+        out_shape=jax.ShapeDtypeStruct((batch * height * width, features), padded.dtype),
+        grid=(batch * height, pl.cdiv(features, block_c)),
         compiler_params=None if interpret else _triton_params(num_warps),
         in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 3,
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
         interpret=interpret,
         name="glu_dwconv",
     )
-    out = call(flat, kernel.reshape(9, channels).astype(x.dtype), bias.astype(jnp.float32))
+    out = call(flat, kernel.reshape(9, channels).astype(padded.dtype), bias.astype(jnp.float32))
     return out.reshape(batch, height, width, features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def glu_dwconv_pallas(x: jax.Array, kernel: jax.Array, bias: jax.Array, interpret: bool = False) -> jax.Array:
-    """Same contract as `glu_dwconv_xla`; the kernel takes its weights in x's dtype (as the XLA sibling's multiply
-    does after the model's cast) and the bias in fp32."""
-    return _pallas_forward(x, kernel, bias, interpret)
+def glu_dwconv_pallas(padded: jax.Array, kernel: jax.Array, bias: jax.Array, interpret: bool = False) -> jax.Array:
+    """Same contract as `glu_dwconv_xla`; the kernel takes its weights in padded's dtype (as the XLA sibling's
+    multiply does after the model's cast) and the bias in fp32."""
+    return _pallas_forward(padded, kernel, bias, interpret)
 
 
-def _pallas_fwd(x, kernel, bias, interpret):
-    return _pallas_forward(x, kernel, bias, interpret), (x, kernel, bias)
+def _pallas_fwd(padded, kernel, bias, interpret):
+    return _pallas_forward(padded, kernel, bias, interpret), (padded, kernel, bias)
 
 
 def _pallas_bwd(interpret, residuals, cotangent):

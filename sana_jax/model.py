@@ -289,8 +289,8 @@ class Conv1x1(nn.Module):
 
 
 class DepthwiseGLU(nn.Module):
-    """SiLU, then 3x3 depthwise convolution (padding 1, bias; HWIO kernel [3, 3, 1, 2F]), then value * SiLU(gate)
-    over its two halves: the inverted conv's output [B, h, w, 2F] -> [B, h, w, F] (sana_jax/glu_conv.py)."""
+    """3x3 depthwise convolution (padding 1, bias; HWIO kernel [3, 3, 1, 2F]) of the SiLU'd inverted-conv output,
+    then value * SiLU(gate) over its two halves: [B, h, w, 2F] -> [B, h, w, F] (sana_jax/glu_conv.py)."""
 
     config: SanaConfig
 
@@ -301,10 +301,11 @@ class DepthwiseGLU(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, None, "mlp")),
                             (3, 3, 1, c), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(init, ("mlp",)), (c,), jnp.float32)
-        x, kernel, bias = x.astype(dtype), kernel[:, :, 0].astype(dtype), bias.astype(dtype)  # compute dtype
+        padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        kernel, bias = kernel[:, :, 0].astype(dtype), bias.astype(dtype)  # the conv's weights in the compute dtype
         if resolve_glu_impl(self.config) == "pallas":
-            return glu_conv.glu_dwconv_pallas(x, kernel, bias)
-        return glu_conv.glu_dwconv_xla(x, kernel, bias)
+            return glu_conv.glu_dwconv_pallas(padded, kernel, bias)
+        return glu_conv.glu_dwconv_xla(padded, kernel, bias)
 
 
 class GLUMBConv(nn.Module):
@@ -318,9 +319,8 @@ class GLUMBConv(nn.Module):
         b, n, c = x.shape
         hidden = cfg.ffn_hidden
         h = x.reshape(b, *grid_hw, c)
-        h = Conv1x1(2 * hidden, cfg, ("embed", "mlp"), name="inverted_conv")(h)  # [B, h, w, 2F], before its SiLU
-        # SiLU + depthwise conv + gating: the first half is the value, the second the gate -> [B, h, w, F]
-        h = DepthwiseGLU(cfg, name="depth_conv")(h)
+        h = nn.silu(Conv1x1(2 * hidden, cfg, ("embed", "mlp"), name="inverted_conv")(h))  # [B, h, w, 2F]
+        h = DepthwiseGLU(cfg, name="depth_conv")(h)  # [B, h, w, F]: the first half is the value, the second the gate
         h = Conv1x1(c, cfg, ("mlp", "embed"), use_bias=False, name="point_conv")(h)
         return h.reshape(b, n, c)
 

@@ -78,15 +78,15 @@ def test_cudnn_cross_attention_matches_xla_sibling():
 def test_pallas_glu_kernel_compiled_matches_xla_sibling():
     from sana_jax import glu_conv
 
-    for shape, dtype in (((2, 32, 32, 2880), jnp.bfloat16), ((3, 13, 7, 136), jnp.bfloat16), ((2, 40, 24, 200), jnp.bfloat16),
+    for shape, dtype in (((2, 32, 32, 2880), jnp.bfloat16), ((3, 5, 7, 136), jnp.bfloat16),
                          ((2, 6, 10, 40), jnp.float32), ((1, 128, 128, 2880), jnp.bfloat16)):
         b, h, w, f = shape
         rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), dtype)
+        padded = jnp.pad(jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
         kernel = jnp.asarray(rng.standard_normal((3, 3, 2 * f)), dtype)
         bias = jnp.asarray(rng.standard_normal(2 * f), dtype)
-        ref = jax.jit(glu_conv.glu_dwconv_xla)(x, kernel, bias)
-        out = jax.jit(glu_conv.glu_dwconv_pallas)(x, kernel, bias)
+        ref = jax.jit(glu_conv.glu_dwconv_xla)(padded, kernel, bias)
+        out = jax.jit(glu_conv.glu_dwconv_pallas)(padded, kernel, bias)
         err = relative_error(ref, out)
         print(shape, dtype.__name__, err)
         assert err <= (TOLERANCES["tiny_fp32"] if dtype == jnp.float32 else TOLERANCES["litela_bf16"]), (shape, err)
