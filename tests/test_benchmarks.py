@@ -43,7 +43,8 @@ def test_pallas_kernels_benchmark():
     assert all(r["ms"] > 0 and r["rel_diff"] < 1e-2 for r in records)
 
 
-def test_profile_benchmark():
-    records = bench("profile_jax", "forward", "--tiny", "--top", "3")
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_profile_benchmark(mode):
+    records = bench("profile_jax", mode, "--tiny", "--top", "3")
     assert records[-1]["summary"] and records[-1]["device_ms_per_call"] > 0
     assert len(records) == 4
