@@ -61,6 +61,17 @@ def bench_glu(shape, args, interpret):
         ms = median_ms(lambda: fn(padded, kernel, bias), jax.block_until_ready, args.warmup, args.iters)
         emit({"op": "glu", "shape": list(shape), "impl": impl, **tile, "ms": round(ms, 4),
               "gb_per_s": round(ideal_bytes / ms / 1e6, 1), "rel_diff": rel(ref, out)})
+    # Backward (the vjp alone, residuals given): XLA's autodiff of the sibling vs the two Pallas backward kernels.
+    cotangent = jnp.asarray(rng.standard_normal(ref.shape), jnp.bfloat16)
+    backward = {impl: jax.jit(lambda p, k, b, f=f: jax.vjp(f, p, k, b)[1](cotangent))
+                for impl, f in (("xla", glu_conv.glu_dwconv_xla),
+                                ("pallas", functools.partial(glu_conv.glu_dwconv_pallas, interpret=interpret)))}
+    grads_ref = backward["xla"](padded, kernel, bias)
+    for impl, fn in backward.items():
+        grads = fn(padded, kernel, bias)
+        ms = median_ms(lambda: fn(padded, kernel, bias), jax.block_until_ready, args.warmup, args.iters)
+        emit({"op": "glu_backward", "shape": list(shape), "impl": impl, "ms": round(ms, 4),
+              "rel_diff": max(rel(a, b) for a, b in zip(grads_ref, grads))})
 
 
 def bench_litela(shape, args, interpret):

@@ -13,7 +13,9 @@ Two implementations of the same function:
   `glu_dwconv_pallas` a Pallas (Triton) GPU kernel: one program per output row and channel block reads the
                       three padded input rows of both halves (cache-resident after the first touch) and writes
                       the gated row, so the [B, H, W, 2F] convolution output never goes to memory. Its backward is
-                      the XLA sibling's (recomputed). `interpret=True` runs it on any backend (tests).
+                      two kernels of the same shape: one recomputes the convolution, writes the cotangent of its
+                      fp32 output and per-row partial sums of the weight gradients; one applies the transposed
+                      convolution to that cotangent. `interpret=True` runs them on any backend (tests).
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def glu_dwconv_xla(padded: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax
     """padded [B, H+2, W+2, 2F], kernel [3, 3, 2F], bias [2F] -> [B, H, W, F] in padded's dtype."""
     acc = _accum(padded.dtype)
     height, width = padded.shape[1] - 2, padded.shape[2] - 2
+    # One conversion before the slices, so the gradient sums the nine taps' contributions in fp32 and rounds once.
+    wide, kernel = padded.astype(acc), kernel.astype(acc)
     total = bias.astype(acc)
     for dy in range(3):
         for dx in range(3):
-            total = total + padded[:, dy:dy + height, dx:dx + width, :].astype(acc) * kernel[dy, dx].astype(acc)
+            total = total + wide[:, dy:dy + height, dx:dx + width, :] * kernel[dy, dx]
     value, gate = jnp.split(total, 2, axis=-1)
     return _gate(value, gate, padded.dtype)
 
@@ -117,6 +121,133 @@ def _pallas_forward(padded, kernel, bias, interpret: bool, block_c: int | None =
     return out.reshape(batch, height, width, features)
 
 
+def _gate_backward(dw_value, dw_gate, cotangent, dtype):
+    """Cotangents of the fp32 convolution outputs from the output's, rounded as XLA's vjp of `_gate` rounds them
+    (bf16 products, the SiLU derivative in fp32, each result rounded to the activation dtype): [rows, C_blk] x 2,
+    fp32 holding activation-dtype values."""
+    acc = _accum(dtype)
+    value, gate = dw_value.astype(dtype), dw_gate.astype(dtype)
+    gate32 = gate.astype(acc)
+    sig = jax.nn.sigmoid(gate32)
+    gated = (gate32 * sig).astype(dtype)
+    d_value = (cotangent * gated).astype(dtype)
+    d_gated = (cotangent * value).astype(dtype).astype(acc)
+    d_gate = (d_gated * sig + d_gated * gate32 * sig * (1.0 - sig)).astype(dtype)
+    return d_value.astype(acc), d_gate.astype(acc)
+
+
+def _total_grad_kernel(x_ref, k_ref, b_ref, ct_ref, dt_ref, dk_ref, db_ref, *, height: int, width: int,
+                       features: int, rows: int, block_c: int):
+    """Backward, part 1, per output row (b, h) and channel block (the forward's grid): recomputes the convolution,
+    writes the cotangent of its fp32 output `d_total` [B*H*W, 2F] (activation dtype: its values are exactly
+    representable there) and this row's partial sums of the kernel and bias gradients (dk_ref [B*H*9, 2F], db_ref
+    [B*H, 2F], fp32; summed over rows by the caller)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    row, block = pl.program_id(0), pl.program_id(1)
+    b, h = row // height, row % height
+    w = jnp.arange(rows)
+    c = block * block_c + jnp.arange(block_c)
+    valid_c = c < features
+    valid = (w < width)[:, None] & valid_c[None, :]
+    acc, dtype = jnp.float32, x_ref.dtype
+
+    def tap_tile(dy, dx, half):
+        start = (b * (height + 2) + h + dy) * (width + 2) + dx  # flat padded row of (b, h + dy, dx)
+        c0 = half * features + block * block_c
+        x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(c0, block_c)], mask=valid, other=0).astype(acc)
+        k = plgpu.load(k_ref.at[pl.ds(dy * 3 + dx, 1), pl.ds(c0, block_c)], mask=valid_c[None, :], other=0)
+        return x, k.astype(acc)
+
+    dw = []
+    for half in range(2):
+        total = plgpu.load(b_ref.at[pl.ds(half * features + block * block_c, block_c)], mask=valid_c,
+                           other=0).astype(acc)[None, :] + jnp.zeros((rows, block_c), acc)
+        for dy in range(3):
+            for dx in range(3):
+                x, k = tap_tile(dy, dx, half)
+                total = total + x * k
+        dw.append(total)
+    out_rows = pl.ds(row * width, rows)
+    cotangent = plgpu.load(ct_ref.at[out_rows, pl.ds(block * block_c, block_c)], mask=valid, other=0)
+    d_total = _gate_backward(dw[0], dw[1], cotangent.astype(acc), dtype)
+    for half in range(2):
+        cols = pl.ds(half * features + block * block_c, block_c)
+        d = jnp.where(valid, d_total[half], 0.0)
+        plgpu.store(dt_ref.at[out_rows, cols], d.astype(dt_ref.dtype), mask=valid)
+        plgpu.store(db_ref.at[pl.ds(row, 1), cols], jnp.sum(d, axis=0)[None, :], mask=valid_c[None, :])
+        for dy in range(3):
+            for dx in range(3):
+                x, _ = tap_tile(dy, dx, half)
+                plgpu.store(dk_ref.at[pl.ds(row * 9 + dy * 3 + dx, 1), cols], jnp.sum(x * d, axis=0)[None, :],
+                            mask=valid_c[None, :])
+
+
+def _input_grad_kernel(dt_ref, k_ref, dx_ref, *, height: int, width: int, channels: int, rows: int,
+                       block_c: int, front: int):
+    """Backward, part 2, per padded row (b, q) and channel block of all 2F channels: the transposed convolution
+    d_padded[q, p] = sum over taps of d_total[q - dy, p - dx] * kernel[dy, dx] (zero outside the image).
+    dt_ref: [front + B*H*W, 2F] (`front` leading pad rows, see _pallas_backward); dx_ref: [B*(H+2)*(W+2), 2F]."""
+    from jax.experimental.pallas import triton as plgpu
+
+    row, block = pl.program_id(0), pl.program_id(1)
+    b, q = row // (height + 2), row % (height + 2)
+    p = jnp.arange(rows)
+    c = block * block_c + jnp.arange(block_c)
+    valid_c = c < channels
+    acc = jnp.float32
+    total = jnp.zeros((rows, block_c), acc)
+    for dy in range(3):
+        src = q - dy  # d_total row feeding this padded row through kernel row dy
+        for dx in range(3):
+            col = p - dx
+            mask = ((src >= 0) & (src < height) & (col >= 0) & (col < width))[:, None] & valid_c[None, :]
+            start = front + (b * height + src) * width - dx  # flat d_total row of pixel (b, src, -dx)
+            d = plgpu.load(dt_ref.at[pl.ds(start, rows), pl.ds(block * block_c, block_c)], mask=mask, other=0)
+            k = plgpu.load(k_ref.at[pl.ds(dy * 3 + dx, 1), pl.ds(block * block_c, block_c)],
+                           mask=valid_c[None, :], other=0)
+            total = total + d.astype(acc) * k.astype(acc)
+    plgpu.store(dx_ref.at[pl.ds(row * (width + 2), rows), pl.ds(block * block_c, block_c)],
+                total.astype(dx_ref.dtype), mask=(p < width + 2)[:, None] & valid_c[None, :])
+
+
+def _pallas_backward(padded, kernel, bias, cotangent, interpret: bool):
+    """(d_padded, d_kernel, d_bias) of `glu_dwconv_xla`, by the two kernels above plus two small row sums."""
+    batch, height, width, channels = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2, padded.shape[3]
+    features = channels // 2
+    rows = pl.next_power_of_2(width)
+    block_c = channel_block(width)
+    params = None if interpret else _triton_params(8 if block_c == 128 else 4)
+    taps = kernel.reshape(9, channels).astype(padded.dtype)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    d_total, dk_rows, db_rows = pl.pallas_call(
+        functools.partial(_total_grad_kernel, height=height, width=width, features=features, rows=rows,
+                          block_c=block_c),
+        out_shape=(jax.ShapeDtypeStruct((batch * height * width, channels), padded.dtype),
+                   jax.ShapeDtypeStruct((batch * height * 9, channels), jnp.float32),
+                   jax.ShapeDtypeStruct((batch * height, channels), jnp.float32)),
+        grid=(batch * height, pl.cdiv(features, block_c)),
+        compiler_params=params, in_specs=[any_spec] * 4, out_specs=(any_spec,) * 3, interpret=interpret,
+        name="glu_dwconv_bwd_total",
+    )(padded.reshape(-1, channels), taps, bias.astype(jnp.float32), cotangent.reshape(-1, features))
+    # Loads of d_total row 0 shifted right start before the array: masked pointer offsets on the GPU, but the
+    # interpreter clamps a slice's start into the array (shifting the tile), so there d_total gets 2 leading rows.
+    front = 2 if interpret else 0
+    d_total = jnp.pad(d_total, ((front, 0), (0, 0))) if front else d_total
+    padded_rows = pl.next_power_of_2(width + 2)
+    d_padded = pl.pallas_call(
+        functools.partial(_input_grad_kernel, height=height, width=width, channels=channels, rows=padded_rows,
+                          block_c=block_c, front=front),
+        out_shape=jax.ShapeDtypeStruct((batch * (height + 2) * (width + 2), channels), padded.dtype),
+        grid=(batch * (height + 2), pl.cdiv(channels, block_c)),
+        compiler_params=params, in_specs=[any_spec] * 2, out_specs=any_spec, interpret=interpret,
+        name="glu_dwconv_bwd_input",
+    )(d_total, taps)
+    d_kernel = jnp.sum(dk_rows.reshape(batch * height, 3, 3, channels), axis=0)
+    return (d_padded.reshape(padded.shape), d_kernel.astype(kernel.dtype),
+            jnp.sum(db_rows, axis=0).astype(bias.dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def glu_dwconv_pallas(padded: jax.Array, kernel: jax.Array, bias: jax.Array, interpret: bool = False) -> jax.Array:
     """Same contract as `glu_dwconv_xla`; the kernel takes its weights in padded's dtype (as the XLA sibling's
@@ -129,9 +260,7 @@ def _pallas_fwd(padded, kernel, bias, interpret):
 
 
 def _pallas_bwd(interpret, residuals, cotangent):
-    del interpret
-    _, vjp = jax.vjp(glu_dwconv_xla, *residuals)
-    return vjp(cotangent)
+    return _pallas_backward(*residuals, cotangent, interpret)
 
 
 glu_dwconv_pallas.defvjp(_pallas_fwd, _pallas_bwd)

@@ -87,9 +87,17 @@ def test_pallas_glu_kernel_compiled_matches_xla_sibling():
         bias = jnp.asarray(rng.standard_normal(2 * f), dtype)
         ref = jax.jit(glu_conv.glu_dwconv_xla)(padded, kernel, bias)
         out = jax.jit(glu_conv.glu_dwconv_pallas)(padded, kernel, bias)
+        bound = TOLERANCES["tiny_fp32"] if dtype == jnp.float32 else TOLERANCES["litela_bf16"]
         err = relative_error(ref, out)
         print(shape, dtype.__name__, err)
-        assert err <= (TOLERANCES["tiny_fp32"] if dtype == jnp.float32 else TOLERANCES["litela_bf16"]), (shape, err)
+        assert err <= bound, (shape, err)
+        cotangent = jnp.asarray(rng.standard_normal(ref.shape), dtype)
+        grads_ref = jax.jit(lambda *a: jax.vjp(glu_conv.glu_dwconv_xla, *a)[1](cotangent))(padded, kernel, bias)
+        grads = jax.jit(lambda *a: jax.vjp(glu_conv.glu_dwconv_pallas, *a)[1](cotangent))(padded, kernel, bias)
+        for name, g_ref, g in zip(("padded", "kernel", "bias"), grads_ref, grads):
+            err = relative_error(g_ref, g)
+            print(shape, dtype.__name__, "d_" + name, err)
+            assert err <= bound, (shape, name, err)
 
 
 def test_pallas_litela_kernel_compiled_matches_xla_sibling():
