@@ -41,8 +41,9 @@ def test_xla_sibling_is_a_depthwise_convolution_then_gating(shape):
                  glu_conv.glu_dwconv_xla(padded, kernel, bias), "tiny_fp32")
 
 
+# The last case is wider than glu_conv.PALLAS_BACKWARD_MAX_WIDTH: its backward is XLA's vjp.
 @pytest.mark.parametrize("shape, dtype", [(SHAPES[0], jnp.float32), (SHAPES[1], jnp.bfloat16),
-                                          (SHAPES[2], jnp.bfloat16)])
+                                          (SHAPES[2], jnp.bfloat16), ((1, 1, 33, 8), jnp.bfloat16)])
 def test_glu_kernel_matches_xla_sibling(shape, dtype):
     padded, kernel, bias = _case(shape, dtype, seed=1)
     ref = glu_conv.glu_dwconv_xla(padded, kernel, bias)
