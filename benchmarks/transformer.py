@@ -301,15 +301,13 @@ def summaries(records: list[dict]) -> list[dict]:
     for rec in records:
         if rec.get("impl") != "jax" or not rec.get("ms"):
             continue
-        key = (rec["model"], rec["mode"], rec["size"], rec["batch"])
+        case = (rec["model"], rec["mode"], rec["size"], rec["batch"])
         summary = {"summary": True, "model": rec["model"], "mode": rec["mode"], "size": rec["size"],
                    "batch": rec["batch"], "jax_ms": rec["ms"], "jax_mfu": rec["mfu"]}
-        for key in ("remat", "layer_group"):
-            if key in rec:
-                summary[key] = rec[key]
+        summary.update({field: rec[field] for field in ("remat", "layer_group") if field in rec})
         for ref in records:
             if ref.get("impl", "jax") != "jax" and ref.get("ms") and \
-                    (ref["model"], ref["mode"], ref["size"], ref["batch"]) == key:
+                    (ref["model"], ref["mode"], ref["size"], ref["batch"]) == case:
                 summary[f"{ref['impl']}_ms"] = ref["ms"]
                 summary[f"speedup_vs_{ref['impl']}"] = round(ref["ms"] / rec["ms"], 3)
         out.append(summary)

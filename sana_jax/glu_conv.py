@@ -60,38 +60,56 @@ def glu_dwconv_xla(padded: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax
     return _gate(value, gate, padded.dtype)
 
 
-def _kernel(x_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: int, rows: int, block_c: int):
-    """One output row (b, h) x one block of channels. x_ref: padded rows [B*(H+2)*(W+2), 2F] (flat);
-    o_ref: [B*H*W, F]; k_ref [9, 2F]; b_ref [2F]."""
+class _RowTile:
+    """The tile of one program of the forward grid (one output row (b, h) of one block of channels), with the
+    loads both the forward kernel and the backward's recompute make. x_ref: padded rows [B*(H+2)*(W+2), 2F]
+    (flat); k_ref [9, 2F]; b_ref [2F] fp32."""
+
+    def __init__(self, x_ref, k_ref, b_ref, *, height: int, width: int, features: int, rows: int, block_c: int):
+        self.x_ref, self.k_ref, self.b_ref = x_ref, k_ref, b_ref
+        self.height, self.width, self.features, self.rows, self.block_c = height, width, features, rows, block_c
+        self.row, self.block = pl.program_id(0), pl.program_id(1)
+        self.b, self.h = self.row // height, self.row % height
+        w = jnp.arange(rows)
+        self.valid_c = (self.block * block_c + jnp.arange(block_c)) < features
+        self.valid = (w < width)[:, None] & self.valid_c[None, :]  # [rows, C_blk]
+
+    def columns(self, half: int):
+        """This block's channels of the value (half 0) or gate (half 1) half."""
+        return pl.ds(half * self.features + self.block * self.block_c, self.block_c)
+
+    def tap(self, dy: int, dx: int, half: int):
+        """(input [rows, C_blk], weight [1, C_blk]) of tap (dy, dx), fp32: padded row h + dy from column dx."""
+        from jax.experimental.pallas import triton as plgpu
+
+        start = (self.b * (self.height + 2) + self.h + dy) * (self.width + 2) + dx  # flat row of (b, h + dy, dx)
+        x = plgpu.load(self.x_ref.at[pl.ds(start, self.rows), self.columns(half)], mask=self.valid, other=0)
+        k = plgpu.load(self.k_ref.at[pl.ds(dy * 3 + dx, 1), self.columns(half)], mask=self.valid_c[None, :],
+                       other=0)
+        return x.astype(jnp.float32), k.astype(jnp.float32)
+
+    def convolution(self):
+        """[dw_value, dw_gate]: the fp32 convolution outputs of this row (bias included), [rows, C_blk] each."""
+        from jax.experimental.pallas import triton as plgpu
+
+        dw = [plgpu.load(self.b_ref.at[self.columns(half)], mask=self.valid_c, other=0).astype(jnp.float32)[None, :]
+              + jnp.zeros((self.rows, self.block_c), jnp.float32) for half in range(2)]
+        for dy in range(3):
+            for dx in range(3):
+                for half in range(2):
+                    x, k = self.tap(dy, dx, half)
+                    dw[half] = dw[half] + x * k
+        return dw
+
+
+def _kernel(x_ref, k_ref, b_ref, o_ref, **shape):
+    """One output row (b, h) x one block of channels (see _RowTile); o_ref: [B*H*W, F]."""
     from jax.experimental.pallas import triton as plgpu
 
-    row, block = pl.program_id(0), pl.program_id(1)
-    b, h = row // height, row % height
-    w = jnp.arange(rows)
-    c = block * block_c + jnp.arange(block_c)
-    valid_c = c < features
-    valid = (w < width)[:, None] & valid_c[None, :]
-    acc = jnp.float32
-    dw_value = plgpu.load(b_ref.at[pl.ds(block * block_c, block_c)], mask=valid_c,
-                          other=0).astype(acc)[None, :] + jnp.zeros((rows, block_c), acc)
-    dw_gate = plgpu.load(b_ref.at[pl.ds(features + block * block_c, block_c)], mask=valid_c,
-                         other=0).astype(acc)[None, :] + jnp.zeros((rows, block_c), acc)
-    for dy in range(3):
-        for dx in range(3):
-            start = (b * (height + 2) + h + dy) * (width + 2) + dx  # flat padded row of (b, h + dy, dx)
-            tap = dy * 3 + dx
-            for half in range(2):
-                c0 = half * features + block * block_c
-                x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(c0, block_c)], mask=valid, other=0)
-                k = plgpu.load(k_ref.at[pl.ds(tap, 1), pl.ds(c0, block_c)], mask=valid_c[None, :], other=0)
-                term = x.astype(acc) * k.astype(acc)  # [rows, C_blk] * [1, C_blk]
-                if half == 0:
-                    dw_value = dw_value + term
-                else:
-                    dw_gate = dw_gate + term
-    out = _gate(dw_value, dw_gate, o_ref.dtype)
-    plgpu.store(o_ref.at[pl.ds(row * width, rows), pl.ds(block * block_c, block_c)], out,
-                mask=valid)
+    tile = _RowTile(x_ref, k_ref, b_ref, **shape)
+    dw_value, dw_gate = tile.convolution()
+    plgpu.store(o_ref.at[pl.ds(tile.row * tile.width, tile.rows), tile.columns(0)],
+                _gate(dw_value, dw_gate, o_ref.dtype), mask=tile.valid)
 
 
 def _triton_params(num_warps: int):
@@ -137,51 +155,28 @@ def _gate_backward(dw_value, dw_gate, cotangent, dtype):
     return d_value.astype(acc), d_gate.astype(acc)
 
 
-def _total_grad_kernel(x_ref, k_ref, b_ref, ct_ref, dt_ref, dk_ref, db_ref, *, height: int, width: int,
-                       features: int, rows: int, block_c: int):
+def _total_grad_kernel(x_ref, k_ref, b_ref, ct_ref, dt_ref, dk_ref, db_ref, **shape):
     """Backward, part 1, per output row (b, h) and channel block (the forward's grid): recomputes the convolution,
     writes the cotangent of its fp32 output `d_total` [B*H*W, 2F] (activation dtype: its values are exactly
     representable there) and this row's partial sums of the kernel and bias gradients (dk_ref [B*H*9, 2F], db_ref
-    [B*H, 2F], fp32; summed over rows by the caller)."""
+    [B*H, 2F], fp32; summed over rows by the caller). ct_ref: the output's cotangent [B*H*W, F]."""
     from jax.experimental.pallas import triton as plgpu
 
-    row, block = pl.program_id(0), pl.program_id(1)
-    b, h = row // height, row % height
-    w = jnp.arange(rows)
-    c = block * block_c + jnp.arange(block_c)
-    valid_c = c < features
-    valid = (w < width)[:, None] & valid_c[None, :]
-    acc, dtype = jnp.float32, x_ref.dtype
-
-    def tap_tile(dy, dx, half):
-        start = (b * (height + 2) + h + dy) * (width + 2) + dx  # flat padded row of (b, h + dy, dx)
-        c0 = half * features + block * block_c
-        x = plgpu.load(x_ref.at[pl.ds(start, rows), pl.ds(c0, block_c)], mask=valid, other=0).astype(acc)
-        k = plgpu.load(k_ref.at[pl.ds(dy * 3 + dx, 1), pl.ds(c0, block_c)], mask=valid_c[None, :], other=0)
-        return x, k.astype(acc)
-
-    dw = []
+    tile = _RowTile(x_ref, k_ref, b_ref, **shape)
+    dw_value, dw_gate = tile.convolution()
+    out_rows = pl.ds(tile.row * tile.width, tile.rows)
+    cotangent = plgpu.load(ct_ref.at[out_rows, tile.columns(0)], mask=tile.valid, other=0)
+    d_total = _gate_backward(dw_value, dw_gate, cotangent.astype(jnp.float32), x_ref.dtype)
+    one_row = tile.valid_c[None, :]
     for half in range(2):
-        total = plgpu.load(b_ref.at[pl.ds(half * features + block * block_c, block_c)], mask=valid_c,
-                           other=0).astype(acc)[None, :] + jnp.zeros((rows, block_c), acc)
+        d = jnp.where(tile.valid, d_total[half], 0.0)
+        plgpu.store(dt_ref.at[out_rows, tile.columns(half)], d.astype(dt_ref.dtype), mask=tile.valid)
+        plgpu.store(db_ref.at[pl.ds(tile.row, 1), tile.columns(half)], jnp.sum(d, axis=0)[None, :], mask=one_row)
         for dy in range(3):
             for dx in range(3):
-                x, k = tap_tile(dy, dx, half)
-                total = total + x * k
-        dw.append(total)
-    out_rows = pl.ds(row * width, rows)
-    cotangent = plgpu.load(ct_ref.at[out_rows, pl.ds(block * block_c, block_c)], mask=valid, other=0)
-    d_total = _gate_backward(dw[0], dw[1], cotangent.astype(acc), dtype)
-    for half in range(2):
-        cols = pl.ds(half * features + block * block_c, block_c)
-        d = jnp.where(valid, d_total[half], 0.0)
-        plgpu.store(dt_ref.at[out_rows, cols], d.astype(dt_ref.dtype), mask=valid)
-        plgpu.store(db_ref.at[pl.ds(row, 1), cols], jnp.sum(d, axis=0)[None, :], mask=valid_c[None, :])
-        for dy in range(3):
-            for dx in range(3):
-                x, _ = tap_tile(dy, dx, half)
-                plgpu.store(dk_ref.at[pl.ds(row * 9 + dy * 3 + dx, 1), cols], jnp.sum(x * d, axis=0)[None, :],
-                            mask=valid_c[None, :])
+                x, _ = tile.tap(dy, dx, half)  # reloaded (cache-resident) rather than kept in registers
+                plgpu.store(dk_ref.at[pl.ds(tile.row * 9 + dy * 3 + dx, 1), tile.columns(half)],
+                            jnp.sum(x * d, axis=0)[None, :], mask=one_row)
 
 
 def _input_grad_kernel(dt_ref, k_ref, dx_ref, *, height: int, width: int, channels: int, rows: int,

@@ -31,7 +31,9 @@ Which parameters are factored (`factorization`):
 Stacked layers (`stacked`): sana_jax scans its blocks, so every leaf under the top-level `blocks` key has a
 leading `layers` axis (model.py `_scanned_blocks`, logical axis name `layers`). Such a leaf is treated as
 `layers` separate parameters, as in SANA where each block owns its tensors: the factored means, the RMS clip
-and the 8-bit blocks never mix layers. Pass `stacked=` (a predicate on the leaf's path names) for other trees.
+and the 8-bit blocks never mix layers. Pass `stacked=` (a predicate on the leaf's path names) for other trees. With
+`layer_group=n` the stacked leaves are updated n layers at a time, in place, inside one loop (less memory, same
+maths).
 
 CAME-8bit (`came_8bit`): only the first moment m of a "matrix" parameter (factored 2-D leaf or 1x1 conv under
 "sana"; 2-D or 4-D [O, I, 1, 1] under "last_two") with rows * cols > min_8bit_size (strict) is stored as uint8,
@@ -411,7 +413,7 @@ def _static_int(name: str, value, minimum: int) -> int:
     except TypeError:
         raise ValueError(f"{name} sets array shapes and must be a Python int, got a traced {value!r}; under "
                          f"optax.inject_hyperparams pass static_args=('block_size', 'min_8bit_size', "
-                        f"'layer_group')") from None
+                         f"'layer_group')") from None
     if as_int != value or as_int < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return as_int
@@ -507,41 +509,40 @@ def _update_layer_groups(leaf_update, layouts: list[LeafLayout], leaves: list[tu
                          is_real: list[tuple[bool, ...]], group: int) -> list[tuple[Array, ...]]:
     """`leaf_update` on every stacked leaf, `group` layers at a time, written back in place.
 
-    leaves[i] = (gradient, *state fields) of a stacked leaf; the result replaces each real field (and the gradient,
-    by the update direction) slice by slice inside one loop over the layer groups (a last, smaller group when
-    `group` does not divide the layers), so XLA updates those buffers in place and the step's temporaries are one
-    group's size instead of a second copy of every gradient and the fp32 form of every 8-bit moment. Statistics
-    are per layer either way.
+    leaves[i] = (gradient, *state fields) of a stacked leaf and is_real[i] says which of them are arrays to update
+    (the rest are placeholders). The result replaces each real field (and the gradient, by the update direction)
+    slice by slice inside one loop over the layer groups (a last, smaller group when `group` does not divide the
+    layers), so XLA updates those buffers in place and the step's temporaries are one group's size instead of a
+    second copy of every gradient and the fp32 form of every 8-bit moment. Statistics are per layer either way.
     """
     layers = leaves[0][0].shape[0]
     for fields in leaves:
         if fields[0].shape[0] != layers:
             raise ValueError(f"stacked leaves disagree on the layer count: {fields[0].shape[0]} vs {layers}")
 
-    def carried(fields, real):  # the gradient (always) and the real state fields: what the loop updates
-        return [f for f, r in zip(fields, (True, *real)) if r]
+    def real_only(fields, real):
+        return [f for f, r in zip(fields, real) if r]
+
+    def with_placeholders(real_fields, fields, real):
+        part = iter(real_fields)
+        return tuple(next(part) if r else f for f, r in zip(fields, real))
 
     def update_slice(carry, start, size: int):
         new_carry = []
         for layout, fields, real, mine in zip(layouts, leaves, is_real, carry):
-            part = iter(jax.lax.dynamic_slice_in_dim(a, start, size) for a in mine)
-            sliced = tuple(next(part) if r else f for f, r in zip(fields, (True, *real)))
-            updated = leaf_update(layout, sliced[0], sliced[1:])
+            sliced = [jax.lax.dynamic_slice_in_dim(a, start, size) for a in mine]
+            updated = leaf_update(layout, *with_placeholders(sliced, fields, real))
             new_carry.append([jax.lax.dynamic_update_slice_in_dim(a, u.astype(a.dtype), start, 0)
-                              for a, u in zip(mine, carried(updated, real))])
+                              for a, u in zip(mine, real_only(updated, real))])
         return new_carry
 
-    carry = [carried(fields, real) for fields, real in zip(leaves, is_real)]
+    carry = [real_only(fields, real) for fields, real in zip(leaves, is_real)]
     group = min(group, layers)
     full, rest = divmod(layers, group)
     carry = jax.lax.fori_loop(0, full, lambda i, c: update_slice(c, i * group, group), carry)
     if rest:
         carry = update_slice(carry, full * group, rest)
-    out = []
-    for fields, real, mine in zip(leaves, is_real, carry):
-        part = iter(mine)
-        out.append(tuple(next(part) if r else f for f, r in zip(fields, (True, *real))))
-    return out
+    return [with_placeholders(mine, fields, real) for fields, real, mine in zip(leaves, is_real, carry)]
 
 
 def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | None, moment, state_cls,
@@ -555,7 +556,7 @@ def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | No
         stats = [_init_stats(p, layout) for p, layout in zip(leaves, layouts)]
         return state_cls(jnp.zeros([], jnp.int32), *_unzip(treedef, mus, moment.n_fields), *_unzip(treedef, stats, 5))
 
-    def leaf_update(layout, g, leaf_fields):
+    def leaf_update(layout, g, *leaf_fields):
         """(direction, *stored m, *stats) of one leaf."""
         stored_mu, stats = leaf_fields[:moment.n_fields], tuple(leaf_fields[moment.n_fields:])
         direction, mu, stats = _came_leaf(g, moment.load(stored_mu, layout), stats, layout, hp)
@@ -568,10 +569,9 @@ def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | No
         leaves = [(g, *leaf_fields) for g, *leaf_fields in zip(grads, *fields)]
         layouts = [leaf_layout(name, g.shape, factorization, stacked) for name, g in zip(names, grads)]
         grouped = [i for i, layout in enumerate(layouts) if layer_group and layout.layer_axes]
-        out = [None if i in grouped else leaf_update(layouts[i], leaves[i][0], leaves[i][1:])
-               for i in range(len(leaves))]
-        if grouped:
-            is_real = [(*moment.is_real(layouts[i]), *_stat_is_real(layouts[i])) for i in grouped]
+        out = [None if i in grouped else leaf_update(layouts[i], *leaves[i]) for i in range(len(leaves))]
+        if grouped:  # the gradient, then the state fields
+            is_real = [(True, *moment.is_real(layouts[i]), *_stat_is_real(layouts[i])) for i in grouped]
             done = _update_layer_groups(leaf_update, [layouts[i] for i in grouped], [leaves[i] for i in grouped],
                                         is_real, layer_group)
             for i, result in zip(grouped, done):
