@@ -41,7 +41,8 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
     ema_decay: float | None = None  # e.g. 0.9999; None keeps no EMA copy
     # CAME / CAME-8bit: update the stacked blocks this many layers at a time, in place (optim.scale_by_came; the
-    # last group is smaller if it does not divide the depth); 0 updates every leaf at once. Same numbers, less memory: what fits Sana-1.5-4.8B on one 80 GB GPU.
+    # last group is smaller if it does not divide the depth); 0 updates every leaf at once. Same maths, less
+    # memory: what fits Sana-1.5-4.8B on one 80 GB GPU.
     layer_group: int = 0
 
 
