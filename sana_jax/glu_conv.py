@@ -35,6 +35,10 @@ def channel_block(width: int) -> int:
     return 128 if rows <= 32 else max(16, 8192 // rows)
 
 
+def _num_warps(block_c: int) -> int:
+    return 8 if block_c == 128 else 4
+
+
 def _accum(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -124,7 +128,7 @@ def _pallas_forward(padded, kernel, bias, interpret: bool, block_c: int | None =
     features = channels // 2
     rows = pl.next_power_of_2(width)
     block_c = block_c or channel_block(width)
-    num_warps = num_warps or (8 if block_c == 128 else 4)
+    num_warps = num_warps or _num_warps(block_c)
     flat = padded.reshape(-1, channels)
     call = pl.pallas_call(
         functools.partial(_kernel, height=height, width=width, features=features, rows=rows, block_c=block_c),
@@ -213,7 +217,7 @@ def _pallas_backward(padded, kernel, bias, cotangent, interpret: bool):
     features = channels // 2
     rows = pl.next_power_of_2(width)
     block_c = channel_block(width)
-    params = None if interpret else _triton_params(8 if block_c == 128 else 4)
+    params = None if interpret else _triton_params(_num_warps(block_c))
     taps = kernel.reshape(9, channels).astype(padded.dtype)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     d_total, dk_rows, db_rows = pl.pallas_call(
