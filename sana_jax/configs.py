@@ -57,10 +57,12 @@ class SanaConfig:
     # stored). "auto": cudnn when the default backend is a CUDA GPU and compute_dtype is 16-bit, else xla.
     attention_impl: AttentionImpl = "auto"
     # GLUMBConv's depthwise 3x3 + gating (sana_jax/glu_conv.py). "xla": nine shifted multiply-adds, any backend.
-    # "pallas": one fused GPU kernel, same fp32 accumulation (CUDA GPUs). "auto": pallas on a CUDA GPU, else xla.
+    # "pallas": one fused GPU kernel, same fp32 accumulation (compiled on CUDA GPUs, interpreted elsewhere: slow,
+    # for tests). "auto": pallas on a CUDA GPU, else xla. Both kernels run per device on batch-sharded meshes.
     glu_impl: KernelImpl = "auto"
     # LiteLA (sana_jax/linear_attention.py): "xla" einsums in fp32, any backend; "pallas" a two-pass GPU kernel
-    # reading q, k, v straight from the qkv projection, fp32-exact products; "auto": pallas on a CUDA GPU.
+    # reading q, k, v straight from the qkv projection, fp32-exact products (interpreted off CUDA); "auto": pallas
+    # on a CUDA GPU.
     linear_attn_impl: KernelImpl = "auto"
 
     def __post_init__(self):

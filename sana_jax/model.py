@@ -67,6 +67,33 @@ def _on_cuda() -> bool:
     return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
 
 
+def _interpret_pallas() -> bool:
+    """Pallas kernels compile for CUDA GPUs only; elsewhere an explicit "pallas" impl runs in the interpreter."""
+    return not _on_cuda()
+
+
+def on_batch_shards(fn, batched: tuple[Array, ...], shared: tuple[Array, ...] = ()) -> Array:
+    """fn(*batched, *shared) -> [B, ...], run by each device on its own rows of the batch.
+
+    For the Pallas kernels: XLA's SPMD partitioner cannot split their custom calls, so on a batch-sharded mesh it
+    would gather the whole batch onto every device and run the kernel there (N times the work and an all-gather
+    of the activations per call). Here a shard_map over the mesh axes the logical `activation_batch` axis maps to
+    gives each device its rows; `shared` (weights) enter replicated and their gradients are summed over the map.
+    Without such axes (no mesh, or no logical rules: single device), or when they do not divide B, fn runs as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = nn.logical_to_mesh_axes(("activation_batch",))[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+    devices = math.prod(mesh.shape[a] for a in axes)
+    if not axes or any(a.shape[0] % devices for a in batched):
+        return fn(*batched, *shared)
+    rows = jax.sharding.PartitionSpec(axes)
+    in_specs = (rows,) * len(batched) + (jax.sharding.PartitionSpec(),) * len(shared)
+    # check_vma=False: pallas_call has no varying-axes rule; replicated inputs' cotangents are then psum'd.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)(*batched, *shared)
+
+
 @jax.custom_vjp
 def add_bias(y: Array, bias: Array) -> Array:
     """y [..., C] + bias [C]. Same value and gradients as `y + bias`, but the bias gradient (a sum over every
@@ -227,9 +254,12 @@ class LiteLA(nn.Module):
             q, k, _ = jnp.split(qkv, 3, axis=-1)
             sources = (RMSNorm(cfg.norm_eps, name="q_norm")(q), RMSNorm(cfg.norm_eps, name="k_norm")(k), qkv)
             columns = (0, 0, 2 * c)
-        impl = (relu_linear_attention_pallas if resolve_linear_attn_impl(cfg) == "pallas"
-                else relu_linear_attention_xla_packed)
-        out = impl(*sources, columns, cfg.num_heads, cfg.linear_head_dim, cfg.linear_attn_eps)  # [B, N, C]
+        args = (columns, cfg.num_heads, cfg.linear_head_dim, cfg.linear_attn_eps)
+        if resolve_linear_attn_impl(cfg) == "pallas":
+            kernel = lambda *src: relu_linear_attention_pallas(*src, *args, _interpret_pallas())  # noqa: E731
+            out = on_batch_shards(kernel, sources)  # [B, N, C]
+        else:
+            out = relu_linear_attention_xla_packed(*sources, *args)
         out = Linear(c, cfg, ("heads", "embed"), name="proj")(out)
         if out.dtype == jnp.float16:  # SANA clips here under fp16 autocast: LiteLA outputs can exceed fp16.
             out = jnp.clip(out, -_FP16_MAX, _FP16_MAX)
@@ -304,7 +334,8 @@ class DepthwiseGLU(nn.Module):
         padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
         kernel, bias = kernel[:, :, 0].astype(dtype), bias.astype(dtype)  # the conv's weights in the compute dtype
         if resolve_glu_impl(self.config) == "pallas":
-            return glu_conv.glu_dwconv_pallas(padded, kernel, bias)
+            kernel_fn = lambda *a: glu_conv.glu_dwconv_pallas(*a, _interpret_pallas())  # noqa: E731
+            return on_batch_shards(kernel_fn, (padded,), (kernel, bias))
         return glu_conv.glu_dwconv_xla(padded, kernel, bias)
 
 

@@ -23,11 +23,13 @@ data mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -344,7 +346,8 @@ class SanaPipeline:
         args = (noise, step_noise, y, mask, y_null, mask_null)
         args = tuple(None if a is None else _pad_batch(a, padded, axis=1 if a is step_noise else 0) for a in args)
         args = self._shard((*args, scale))
-        latents = _sample_latents(self.model, self.params, schedule, *args, method=method, guidance=guidance)
+        with self._batch_mesh():
+            latents = _sample_latents(self.model, self.params, schedule, *args, method=method, guidance=guidance)
 
         images = None
         if decode and self.decoder is not None:
@@ -430,6 +433,15 @@ class SanaPipeline:
             raise ValueError(f"step_noise must be [steps, B, h, w, C] = {(steps, batch, *latent_shape)}, got "
                              f"{tuple(step_noise.shape)}")
         return noise, step_noise
+
+    def _batch_mesh(self) -> contextlib.AbstractContextManager:
+        """The mesh and the rule that tell the model's Pallas kernels to run per device on the data axis
+        (sana_jax.model.on_batch_shards); nothing without a mesh."""
+        stack = contextlib.ExitStack()
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(nn.logical_axis_rules((("activation_batch", self.data_axis),)))
+        return stack
 
     def _shard(self, args):
         """Batch-shard every per-image argument over the data axis (step noise on its axis 1); keep scalars."""

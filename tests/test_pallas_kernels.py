@@ -6,15 +6,19 @@ XLA siblings, on awkward shapes:
     512-token split, head dim 8 < the 16-wide tensor-core block, q/k held apart as after SANA-1.5's q/k norm).
 Interpreting is slow: the shapes are few and small."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sana_jax import glu_conv
+from sana_jax import glu_conv, linear_attention
 from tests.helpers import assert_close
-
-from sana_jax import linear_attention
+from tests.tolerances import TOLERANCES
 
 SHAPES = [(2, 3, 5, 40), (1, 4, 7, 130), (1, 1, 1, 8)]  # (B, H, W, F)
 
@@ -90,3 +94,66 @@ def test_litela_kernel_matches_xla_sibling(batch, tokens, heads, head_dim, dtype
     grads = jax.vjp(lambda *a: linear_attention.relu_linear_attention_pallas(*a, *args, True), *sources)[1](cotangent)
     for g_ref, g in zip(grads_ref, grads):
         np.testing.assert_array_equal(np.asarray(g_ref, np.float32), np.asarray(g, np.float32))
+
+
+# The whole model with both kernels on a data 2 x fsdp 4 mesh of 8 simulated devices, against the XLA siblings
+# on one device. Each device must run the kernels on its own 1-image shard: XLA's SPMD partitioner cannot split
+# a kernel's custom call and would otherwise gather the batch and run all 8 images on every device.
+_SHARDED_MODEL = """
+import json
+import flax.linen as nn
+import jax, jax.extend, jax.numpy as jnp, numpy as np
+import sana_jax
+from sana_jax.configs import TINY
+from sana_jax.train.config import MeshConfig
+from sana_jax.train.sharding import LOGICAL_RULES, make_mesh
+from tests.helpers import relative_error
+
+assert jax.device_count() == 8, jax.devices()
+cfg = TINY.replace(qk_norm=True, linear_head_dim=16, attention_impl="xla")
+params = sana_jax.perturb_params(sana_jax.init_params(sana_jax.SanaTransformer(cfg), jax.random.key(0)), seed=1)
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((8, 3, 5, cfg.in_channels)), jnp.float32)
+t = jnp.asarray(rng.uniform(0, 1000, 8), jnp.float32)
+y = jnp.asarray(rng.standard_normal((8, 6, cfg.caption_channels)), jnp.float32)
+mask = jnp.asarray(np.arange(6)[None] < rng.integers(1, 7, 8)[:, None], jnp.int32)
+weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+def loss_and_grads(c):
+    model = sana_jax.SanaTransformer(c)
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x, t, y, mask) * weights)
+    return jax.value_and_grad(loss)
+
+ref = jax.jit(loss_and_grads(cfg.replace(glu_impl="xla", linear_attn_impl="xla")))(params)
+kernels = loss_and_grads(cfg.replace(glu_impl="pallas", linear_attn_impl="pallas"))
+with nn.logical_axis_rules(LOGICAL_RULES), jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=4))):
+    got = jax.jit(kernels)(params)
+    jaxpr = jax.make_jaxpr(kernels)(params)
+
+def kernel_batches(jaxpr, batch=None):  # per launch: the enclosing shard_map's per-device batch (None: no map)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield batch
+        inner = batch
+        if eqn.primitive.name == "shard_map":
+            operands = eqn.params["jaxpr"].invars  # per-device avals (partial evaluation leaves some maps empty)
+            inner = operands[0].aval.shape[0] if operands else batch
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from kernel_batches(sub, inner)
+
+print(json.dumps({"loss": relative_error(ref[0], got[0]),
+                  "grads": max(relative_error(a, b) for a, b in zip(jax.tree.leaves(ref[1]), jax.tree.leaves(got[1]))),
+                  "kernel_batches": sorted(set(kernel_batches(jaxpr.jaxpr)))}))
+"""
+
+
+def test_kernels_run_per_device_on_a_batch_sharded_mesh():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _SHARDED_MODEL], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["kernel_batches"] == [1], result  # 8 images / 8 devices, every kernel launch
+    assert result["loss"] <= TOLERANCES["tiny_fp32"], result
+    assert result["grads"] <= TOLERANCES["tiny_fp32_grad"], result

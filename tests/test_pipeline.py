@@ -324,8 +324,23 @@ SHARDING_SCRIPT = textwrap.dedent("""
     mesh = jax.make_mesh((8,), ("data",))  # Explicit axis types by default: the pipeline must cope
     pipe = pipeline.SanaPipeline(model, params, decoder=decoder, mesh=mesh)
     sharded = pipe(**kw)
+    # The Pallas kernels (interpreted here) run per device on the mesh too (sana_jax.model.on_batch_shards):
+    # 8 images x 2 (CFG) over 8 devices = 2 rows per kernel launch.
+    from sana_jax import model as model_lib
+    rows, on_batch_shards = [], model_lib.on_batch_shards
+    def spy(fn, batched, shared=()):
+        def counted(*args):
+            rows.append(args[0].shape[0])
+            return fn(*args)
+        return on_batch_shards(counted, batched, shared)
+    model_lib.on_batch_shards = spy
+    kernels = pipeline.SanaPipeline(sana_jax.SanaTransformer(cfg.replace(glu_impl="pallas", linear_attn_impl="pallas")),
+                                    params, decoder=decoder, mesh=mesh)(**dict(kw, steps=2))
+    single_2 = pipeline.SanaPipeline(model, params, decoder=decoder)(**dict(kw, steps=2))
     a, b = np.asarray(single.latents), np.asarray(sharded.latents)
+    c, d = np.asarray(single_2.latents), np.asarray(kernels.latents)
     print(json.dumps({"rel": float(np.abs(a - b).max() / np.abs(a).max()),
+                      "rel_kernels": float(np.abs(c - d).max() / np.abs(c).max()), "kernel_rows": sorted(set(rows)),
                       "images_equal": bool((single.images == sharded.images).all()),
                       "shape": list(b.shape),
                       "devices": len(sharded.latents.sharding.device_set),
@@ -347,6 +362,7 @@ def test_batch_sharding_on_8_simulated_devices():
     assert report["shape"] == [6, *LATENT, TINY.in_channels]
     assert report["devices"] == 8 and report["params_replicated"]
     assert report["rel"] <= 1e-5 and report["images_equal"]
+    assert report["rel_kernels"] <= 1e-5 and report["kernel_rows"] == [2]
 
 
 # --- the CLI -------------------------------------------------------------------------------------------------------
