@@ -326,8 +326,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="train: JAX batches (default 8)")
     parser.add_argument("--torch-batches", type=int, nargs="+", default=None,
                         help="train: PyTorch anchor batches (default 8, DESIGN.md's anchor)")
-    parser.add_argument("--remat", nargs="+", default=None,
-                        choices=["none", "full", "dots_saveable", "dots_and_kernels"],
+    parser.add_argument("--remat", nargs="+", default=None, choices=["none", "full", "dots_saveable"],
                         help="train: JAX remat policies (default none)")
     parser.add_argument("--mesh", default="-1,1,1", help="train: JAX (data, fsdp, tensor) mesh sizes, -1 = the rest "
                                                         "of the devices, e.g. 1,-1,1 for FSDP over every GPU")

@@ -10,12 +10,12 @@ import dataclasses
 from typing import Literal
 
 ComputeDtype = Literal["float32", "bfloat16", "float16", "float64"]
-RematPolicy = Literal["none", "full", "dots_saveable", "dots_and_kernels"]
+RematPolicy = Literal["none", "full", "dots_saveable"]
 AttentionImpl = Literal["auto", "xla", "cudnn"]
 KernelImpl = Literal["auto", "xla", "pallas"]
 
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
-_REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_and_kernels")
+_REMAT_POLICIES = ("none", "full", "dots_saveable")
 _ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 _KERNEL_IMPLS = ("auto", "xla", "pallas")
 
@@ -51,8 +51,7 @@ class SanaConfig:
     flow_shift: float = 3.0  # sampling/training flow shift of the released recipe
     compute_dtype: ComputeDtype = "float32"  # activations and matmul inputs; params stay fp32. float64 is for
     # parity checks of gradients (needs jax_enable_x64): it removes fp32 rounding from the comparison.
-    remat_policy: RematPolicy = "none"  # per scanned block: keep all / recompute all / keep matmul outputs /
-    # keep matmul outputs and the kernels' (LiteLA output, padded GLU input, GLU output: sana_jax.model)
+    remat_policy: RematPolicy = "none"  # per scanned block: keep all / recompute all / keep matmul outputs
     # Cross-attention kernel. "xla": einsums + fp32 softmax, any backend and dtype. "cudnn": cuDNN flash attention
     # (CUDA GPUs, bf16/fp16 compute; logits stay fp32 inside the kernel, the [B, H, N, L] probabilities are never
     # stored). "auto": cudnn when the default backend is a CUDA GPU and compute_dtype is 16-bit, else xla.

@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax.ad_checkpoint import checkpoint_name
-
 from sana_jax import glu_conv
 from sana_jax.configs import SanaConfig
 from sana_jax.linear_attention import relu_linear_attention_pallas, relu_linear_attention_xla_packed
@@ -262,7 +260,6 @@ class LiteLA(nn.Module):
             out = on_batch_shards(kernel, sources)  # [B, N, C]
         else:
             out = relu_linear_attention_xla_packed(*sources, *args)
-        out = checkpoint_name(out, "litela_out")
         out = Linear(c, cfg, ("heads", "embed"), name="proj")(out)
         if out.dtype == jnp.float16:  # SANA clips here under fp16 autocast: LiteLA outputs can exceed fp16.
             out = jnp.clip(out, -_FP16_MAX, _FP16_MAX)
@@ -334,14 +331,12 @@ class DepthwiseGLU(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, None, "mlp")),
                             (3, 3, 1, c), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(init, ("mlp",)), (c,), jnp.float32)
-        padded = checkpoint_name(jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0))), "glu_in")
+        padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
         kernel, bias = kernel[:, :, 0].astype(dtype), bias.astype(dtype)  # the conv's weights in the compute dtype
         if resolve_glu_impl(self.config) == "pallas":
             kernel_fn = lambda *a: glu_conv.glu_dwconv_pallas(*a, _interpret_pallas())  # noqa: E731
-            out = on_batch_shards(kernel_fn, (padded,), (kernel, bias))
-        else:
-            out = glu_conv.glu_dwconv_xla(padded, kernel, bias)
-        return checkpoint_name(out, "glu_out")
+            return on_batch_shards(kernel_fn, (padded,), (kernel, bias))
+        return glu_conv.glu_dwconv_xla(padded, kernel, bias)
 
 
 class GLUMBConv(nn.Module):
@@ -392,11 +387,6 @@ class SanaBlock(nn.Module):
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute it all in the backward pass
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    # The backward then reruns no kernel forward and no SiLU + pad pass (checkpoint_name'd above); at 1.6B, 1024 px
-    # that keeps 3 x 5600 + 2240 more bf16 channels per token and block than dots_saveable.
-    "dots_and_kernels": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_saveable,
-        jax.checkpoint_policies.save_only_these_names("litela_out", "glu_in", "glu_out")),
 }
 
 
