@@ -284,15 +284,31 @@ class CrossAttention(nn.Module):
         h, d = cfg.num_cross_heads, cfg.cross_head_dim
         q, k, v = q.reshape(b, n, h, d), k.reshape(b, -1, h, d), v.reshape(b, -1, h, d)
         if resolve_attention_impl(cfg) == "cudnn":
-            # cuDNN takes the additive mask as a full [B, 1, N, L] bias in the activation dtype.
-            bias = jnp.broadcast_to(mask_bias[:, None, None, :].astype(q.dtype), (b, 1, n, k.shape[1]))
-            out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0 / math.sqrt(d), implementation="cudnn")
+            out = attention_over_kept_keys(q, k, v, mask_bias, implementation="cudnn")
         else:
             precision = matmul_precision(cfg)
             logits = jnp.einsum("bnhd,blhd->bhnl", q, k, precision=precision).astype(accum_dtype(q.dtype))
             weights = jax.nn.softmax(logits / math.sqrt(d) + mask_bias[:, None, None, :], axis=-1)  # [B, H, N, L]
             out = jnp.einsum("bhnl,blhd->bnhd", weights.astype(v.dtype), v, precision=precision)
         return Linear(c, cfg, ("heads", "embed"), name="proj")(out.reshape(b, n, c))
+
+
+def attention_over_kept_keys(q: Array, k: Array, v: Array, mask_bias: Array, implementation: str) -> Array:
+    """jax.nn.dot_product_attention (cuDNN flash attention in the model) of q [B, N, H, D] over the kept keys of
+    k, v [B, L, H, D] (mask_bias [B, L]: 0 keep, -10000 drop) -> [B, N, H, D].
+
+    Attention does not depend on the order of the keys, so the kept ones are moved to the front (a stable sort:
+    the identity for the usual right-padded caption) and cuDNN's padding mask takes a length per image. An additive
+    bias would be read by cuDNN as a full [B, 1, N, L] tensor, once per head. Same value as the bias: a dropped
+    key's weight exp(-10000 + ...) is 0 in fp32. An image with no kept key gets no mask at all: the -10000 shifts
+    all its logits alike, which softmax ignores (up to the rounding of the shifted logits)."""
+    keep = mask_bias == 0
+    order = jnp.argsort(~keep, axis=-1, stable=True)[:, :, None, None]  # [B, L, 1, 1], kept keys first
+    k, v = jnp.take_along_axis(k, order, axis=1), jnp.take_along_axis(v, order, axis=1)
+    lengths = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+    lengths = jnp.where(lengths == 0, keep.shape[1], lengths)
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), key_value_seq_lengths=lengths,
+                                        implementation=implementation)
 
 
 class Conv1x1(nn.Module):

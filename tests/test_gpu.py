@@ -24,14 +24,15 @@ CONFIG = SanaConfig(name="gpu_tiny", in_channels=8, out_channels=8, hidden_size=
                     caption_channels=40, mlp_ratio=2.5, cross_norm=True, qk_norm=True, linear_head_dim=24)
 
 
-def _inputs(batch=3, hw=(6, 10), length=18, seed=0):
+def _inputs(batch=5, hw=(6, 10), length=18, seed=0):
+    """Caption masks: all kept, right-padded to 7 and to 1 token, kept tokens with holes, none kept."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *hw, CONFIG.in_channels)).astype(np.float32)
     t = rng.uniform(0, 1000, batch).astype(np.float32)
     y = rng.standard_normal((batch, length, CONFIG.caption_channels)).astype(np.float32)
-    mask = np.zeros((batch, length), np.int32)
-    for i, keep in enumerate((length, 7, 1)[:batch]):
-        mask[i, :keep] = 1
+    masks = [np.arange(length) < keep for keep in (length, 7, 1)] + [np.arange(length) % 3 == 1,
+                                                                      np.zeros(length, bool)]
+    mask = np.stack(masks[:batch]).astype(np.int32)
     return tuple(map(jnp.asarray, (x, t, y, mask)))
 
 

@@ -166,3 +166,23 @@ def test_patch_size_2_and_odd_grid():
     assert model.apply({"params": params}, x, t, y, mask).shape == x.shape
     with pytest.raises(ValueError, match="multiple of patch_size"):
         model.apply({"params": params}, x[:, :5], t, y, mask)
+
+
+def test_attention_over_kept_keys_equals_the_masked_softmax():
+    """The cuDNN path's reformulation (kept keys moved to the front, a length per image), run here through XLA's
+    dot_product_attention, against SANA's additive -10000 mask on awkward masks: right-padded, holes, one key,
+    none kept (the -10000 then shifts every logit alike)."""
+    from sana_jax.model import attention_over_kept_keys
+
+    rng = np.random.default_rng(0)
+    b, n, length, h, d = 5, 7, 11, 3, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, size, h, d)), jnp.float32) for size in (n, length, length))
+    masks = [np.arange(length) < 11, np.arange(length) < 4, np.arange(length) % 3 == 1, np.arange(length) == 9,
+             np.zeros(length, bool)]
+    mask_bias = jnp.asarray((1.0 - np.stack(masks)) * -10000.0, jnp.float32)
+    logits = jnp.einsum("bnhd,blhd->bhnl", q, k, precision="highest") / np.sqrt(d) + mask_bias[:, None, None, :]
+    ref = jnp.einsum("bhnl,blhd->bnhd", jax.nn.softmax(logits, axis=-1), v, precision="highest")
+    out = attention_over_kept_keys(q, k, v, mask_bias, implementation="xla")
+    # The no-key row's reference rounds its logits shifted by -10000 (fp32 ulp 1e-3 there): checked apart.
+    assert_close("kept-keys attention vs masked softmax", ref[:4], out[:4], "tiny_fp32")
+    np.testing.assert_allclose(out[4], ref[4], atol=5e-3)
