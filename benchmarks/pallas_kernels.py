@@ -2,6 +2,8 @@
 
   glu:    sana_jax.glu_conv (depthwise 3x3 + bias + value * SiLU(gate)) at SANA's FFN shapes, XLA sibling vs the
           Pallas kernel at every (channel block, warps) of the sweep; `--sweep` off: the shipped setting only.
+  glu_backward: its vjp alone (residuals given), XLA's autodiff of the sibling vs the two Pallas backward kernels
+          (the shipped tile, and with `--sweep` every tile of the sweep for both).
   litela: sana_jax.linear_attention from packed qkv, XLA sibling vs Pallas.
 One JSON object per line: op, shape, impl (and tile), median ms, GB/s of the bytes an ideal kernel moves (inputs
 read once, output written once), max|diff| / max|ref| against the XLA sibling.
@@ -66,11 +68,16 @@ def bench_glu(shape, args, interpret):
     backward = {impl: jax.jit(lambda p, k, b, f=f: jax.vjp(f, p, k, b)[1](cotangent))
                 for impl, f in (("xla", glu_conv.glu_dwconv_xla),
                                 ("pallas", functools.partial(glu_conv.glu_dwconv_pallas, interpret=interpret)))}
+    variants = [(impl, fn, {}) for impl, fn in backward.items()]
+    for block_c, warps in (tiles if args.sweep else []):
+        tile = dict(block_c=block_c, num_warps=warps)
+        fn = jax.jit(lambda p, k, b, tile=tile: glu_conv._pallas_backward(p, k, b, cotangent, interpret, **tile))
+        variants.append(("pallas", fn, tile))
     grads_ref = backward["xla"](padded, kernel, bias)
-    for impl, fn in backward.items():
+    for impl, fn, tile in variants:
         grads = fn(padded, kernel, bias)
         ms = median_ms(lambda: fn(padded, kernel, bias), jax.block_until_ready, args.warmup, args.iters)
-        emit({"op": "glu_backward", "shape": list(shape), "impl": impl, "ms": round(ms, 4),
+        emit({"op": "glu_backward", "shape": list(shape), "impl": impl, **tile, "ms": round(ms, 4),
               "rel_diff": max(rel(a, b) for a, b in zip(grads_ref, grads))})
 
 

@@ -35,6 +35,12 @@ def channel_block(width: int) -> int:
     return 128 if rows <= 32 else max(16, 8192 // rows)
 
 
+def backward_channel_block(width: int) -> int:
+    """The backward kernels' channels per program (4 warps): 64 at most, from the same sweep (--sweep); the
+    forward's 128 channels x 8 warps took 1.2-1.4x longer there (more live fp32 tiles per program)."""
+    return min(64, channel_block(width))
+
+
 def _num_warps(block_c: int) -> int:
     return 8 if block_c == 128 else 4
 
@@ -211,13 +217,14 @@ def _input_grad_kernel(dt_ref, k_ref, dx_ref, *, height: int, width: int, channe
                 total.astype(dx_ref.dtype), mask=(p < width + 2)[:, None] & valid_c[None, :])
 
 
-def _pallas_backward(padded, kernel, bias, cotangent, interpret: bool):
+def _pallas_backward(padded, kernel, bias, cotangent, interpret: bool, block_c: int | None = None,
+                     num_warps: int | None = None):
     """(d_padded, d_kernel, d_bias) of `glu_dwconv_xla`, by the two kernels above plus two small row sums."""
     batch, height, width, channels = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2, padded.shape[3]
     features = channels // 2
     rows = pl.next_power_of_2(width)
-    block_c = channel_block(width)
-    params = None if interpret else _triton_params(_num_warps(block_c))
+    block_c = block_c or backward_channel_block(width)
+    params = None if interpret else _triton_params(num_warps or _num_warps(block_c))
     taps = kernel.reshape(9, channels).astype(padded.dtype)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     d_total, dk_rows, db_rows = pl.pallas_call(
