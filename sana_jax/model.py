@@ -78,7 +78,8 @@ def on_batch_shards(fn, batched: tuple[Array, ...], shared: tuple[Array, ...] = 
     For the Pallas kernels: XLA's SPMD partitioner cannot split their custom calls, so on a batch-sharded mesh it
     would gather the whole batch onto every device and run the kernel there (N times the work and an all-gather
     of the activations per call). Here a shard_map over the mesh axes the logical `activation_batch` axis maps to
-    gives each device its rows; `shared` (weights) enter replicated and their gradients are summed over the map.
+    gives each device its rows (whole: an axis the rows are not split over, e.g. `tensor`, is gathered at the map's
+    entry); `shared` (weights) enter replicated and their gradients are summed over the map.
     Without such axes (no mesh, or no logical rules: single device), or when they do not divide B, fn runs as is.
     """
     mesh = jax.sharding.get_abstract_mesh()

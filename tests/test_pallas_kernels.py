@@ -96,11 +96,11 @@ def test_litela_kernel_matches_xla_sibling(batch, tokens, heads, head_dim, dtype
         np.testing.assert_array_equal(np.asarray(g_ref, np.float32), np.asarray(g, np.float32))
 
 
-# The whole model with both kernels on a data 2 x fsdp 4 mesh of 8 simulated devices, against the XLA siblings
-# on one device. Each device must run the kernels on its own 1-image shard: XLA's SPMD partitioner cannot split
-# a kernel's custom call and would otherwise gather the batch and run all 8 images on every device.
+# The whole model with both kernels on meshes of 8 simulated devices, against the XLA siblings on one device.
+# Each device must run the kernels on its own images only: XLA's SPMD partitioner cannot split a kernel's custom
+# call and would otherwise gather the batch and run all 8 images on every device.
 _SHARDED_MODEL = """
-import json
+import json, sys
 import flax.linen as nn
 import jax, jax.extend, jax.numpy as jnp, numpy as np
 import sana_jax
@@ -110,7 +110,7 @@ from sana_jax.train.sharding import LOGICAL_RULES, make_mesh
 from tests.helpers import relative_error
 
 assert jax.device_count() == 8, jax.devices()
-cfg = TINY.replace(qk_norm=True, linear_head_dim=16, attention_impl="xla")
+cfg = TINY.replace(qk_norm=True, linear_head_dim=16, attention_impl="xla")  # 4 LiteLA heads, 4 cross heads
 params = sana_jax.perturb_params(sana_jax.init_params(sana_jax.SanaTransformer(cfg), jax.random.key(0)), seed=1)
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((8, 3, 5, cfg.in_channels)), jnp.float32)
@@ -126,7 +126,8 @@ def loss_and_grads(c):
 
 ref = jax.jit(loss_and_grads(cfg.replace(glu_impl="xla", linear_attn_impl="xla")))(params)
 kernels = loss_and_grads(cfg.replace(glu_impl="pallas", linear_attn_impl="pallas"))
-with nn.logical_axis_rules(LOGICAL_RULES), jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=4))):
+mesh = MeshConfig(*map(int, sys.argv[1:4]))
+with nn.logical_axis_rules(LOGICAL_RULES), jax.set_mesh(make_mesh(mesh)):
     got = jax.jit(kernels)(params)
     jaxpr = jax.make_jaxpr(kernels)(params)
 
@@ -147,13 +148,14 @@ print(json.dumps({"loss": relative_error(ref[0], got[0]),
 """
 
 
-def test_kernels_run_per_device_on_a_batch_sharded_mesh():
+@pytest.mark.parametrize("data, fsdp, tensor", [(2, 4, 1), (2, 2, 2)])  # tensor: channels / heads sharded too
+def test_kernels_run_per_device_on_a_batch_sharded_mesh(data, fsdp, tensor):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _SHARDED_MODEL], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run([sys.executable, "-c", _SHARDED_MODEL, str(data), str(fsdp), str(tensor)], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["kernel_batches"] == [1], result  # 8 images / 8 devices, every kernel launch
+    assert result["kernel_batches"] == [8 // (data * fsdp)], result  # every kernel launch: its device's images
     assert result["loss"] <= TOLERANCES["tiny_fp32"], result
     assert result["grads"] <= TOLERANCES["tiny_fp32_grad"], result
