@@ -1,9 +1,10 @@
 """The JAX model's Pallas GPU kernels against their XLA siblings, op by op, with the tile sweep that set them.
 
-  glu:    sana_jax.glu_conv (depthwise 3x3 + bias + value * SiLU(gate)) at SANA's FFN shapes, XLA sibling vs the
-          Pallas kernel at every (channel block, warps) of the sweep; `--sweep` off: the shipped setting only.
-  glu_backward: its vjp alone (residuals given), XLA's autodiff of the sibling vs the two Pallas backward kernels
-          (the shipped tile, and with `--sweep` every tile of the sweep for both).
+  glu:    sana_jax.glu_conv (SiLU(pre + bias), depthwise 3x3 + bias, value * SiLU(gate)) at SANA's FFN shapes,
+          XLA sibling vs the fused Pallas kernel at every (columns, channel block, warps) of the sweep; `--sweep`
+          off: the shipped setting only.
+  glu_backward: its vjp alone (residuals given), XLA's autodiff of the sibling vs the Pallas op's backward;
+          with `--sweep`, glu_conv_backward_kernels: the two backward kernels alone at every tile of the sweep.
   litela: sana_jax.linear_attention from packed qkv, XLA sibling vs Pallas.
 One JSON object per line: op, shape, impl (and tile), median ms, GB/s of the bytes an ideal kernel moves (inputs
 read once, output written once), max|diff| / max|ref| against the XLA sibling.
@@ -47,38 +48,45 @@ def rel(ref, out) -> float:
 def bench_glu(shape, args, interpret):
     b, h, w, f = shape
     rng = np.random.default_rng(0)
-    padded = jnp.pad(jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), jnp.bfloat16), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    pre = jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), jnp.bfloat16)
+    pre_bias, bias = (jnp.asarray(rng.standard_normal(2 * f), jnp.bfloat16) for _ in range(2))
     kernel = jnp.asarray(rng.standard_normal((3, 3, 2 * f)), jnp.bfloat16)
-    bias = jnp.asarray(rng.standard_normal(2 * f), jnp.bfloat16)
-    ideal_bytes = padded.size * 2 + b * h * w * f * 2
-    ref = jax.jit(glu_conv.glu_dwconv_xla)(padded, kernel, bias)
-    variants = [("xla", jax.jit(glu_conv.glu_dwconv_xla), {})]
-    tiles = [(c, warps) for c in (32, 64, 128) for warps in (2, 4, 8)]
-    for block_c, warps in (tiles if args.sweep else [(None, None)]):
-        kwargs = {k: v for k, v in dict(block_c=block_c, num_warps=warps).items() if v is not None}
-        fn = jax.jit(functools.partial(glu_conv._pallas_forward, interpret=interpret, **kwargs))
+    inputs = (pre, pre_bias, kernel, bias)
+    ideal_bytes = pre.size * 2 + b * h * w * f * 2
+    ref = jax.jit(glu_conv.silu_glu_dwconv_xla)(*inputs)
+    variants = [("xla", jax.jit(glu_conv.silu_glu_dwconv_xla), {})]
+    tiles = [(tile_w, c, warps) for tile_w in (16, 32) for c in (32, 64, 128) for warps in (4, 8)]
+    for tile_w, block_c, warps in (tiles if args.sweep else [(None, None, None)]):
+        kwargs = {k: v for k, v in dict(tile_w=tile_w, block_c=block_c, num_warps=warps).items() if v is not None}
+        fn = jax.jit(functools.partial(glu_conv._fused_forward, interpret=interpret, **kwargs))
         variants.append(("pallas", fn, kwargs))
     for impl, fn, tile in variants:
-        out = fn(padded, kernel, bias)
-        ms = median_ms(lambda: fn(padded, kernel, bias), jax.block_until_ready, args.warmup, args.iters)
+        out = fn(*inputs)
+        ms = median_ms(lambda: fn(*inputs), jax.block_until_ready, args.warmup, args.iters)
         emit({"op": "glu", "shape": list(shape), "impl": impl, **tile, "ms": round(ms, 4),
               "gb_per_s": round(ideal_bytes / ms / 1e6, 1), "rel_diff": rel(ref, out)})
-    # Backward (the vjp alone, residuals given): XLA's autodiff of the sibling vs the two Pallas backward kernels.
+    # Backward (the vjp alone, residuals given): XLA's autodiff of the sibling vs the Pallas op's backward (XLA
+    # rebuilds the padded SiLU activation, two kernels do the rest); with --sweep, the two kernels alone per tile.
     cotangent = jnp.asarray(rng.standard_normal(ref.shape), jnp.bfloat16)
-    backward = {impl: jax.jit(lambda p, k, b, f=f: jax.vjp(f, p, k, b)[1](cotangent))
-                for impl, f in (("xla", glu_conv.glu_dwconv_xla),
-                                ("pallas", functools.partial(glu_conv.glu_dwconv_pallas, interpret=interpret)))}
+    backward = {impl: jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1](cotangent))
+                for impl, f in (("xla", glu_conv.silu_glu_dwconv_xla),
+                                ("pallas", functools.partial(glu_conv.silu_glu_dwconv_pallas, interpret=interpret)))}
     variants = [(impl, fn, {}) for impl, fn in backward.items()]
-    for block_c, warps in (tiles if args.sweep else []):
-        tile = dict(block_c=block_c, num_warps=warps)
-        fn = jax.jit(lambda p, k, b, tile=tile: glu_conv._pallas_backward(p, k, b, cotangent, interpret, **tile))
-        variants.append(("pallas", fn, tile))
-    grads_ref = backward["xla"](padded, kernel, bias)
+    grads_ref = backward["xla"](*inputs)
     for impl, fn, tile in variants:
-        grads = fn(padded, kernel, bias)
-        ms = median_ms(lambda: fn(padded, kernel, bias), jax.block_until_ready, args.warmup, args.iters)
+        grads = fn(*inputs)
+        ms = median_ms(lambda: fn(*inputs), jax.block_until_ready, args.warmup, args.iters)
         emit({"op": "glu_backward", "shape": list(shape), "impl": impl, **tile, "ms": round(ms, 4),
               "rel_diff": max(rel(a, b) for a, b in zip(grads_ref, grads))})
+    padded = jax.jit(glu_conv.silu_padded)(pre, pre_bias)
+    conv_grads_ref = jax.jit(lambda *a: jax.vjp(glu_conv.glu_dwconv_xla, *a)[1](cotangent))(padded, kernel, bias)
+    for block_c, warps in ([(c, warps) for c in (32, 64, 128) for warps in (2, 4, 8)] if args.sweep else []):
+        tile = dict(block_c=block_c, num_warps=warps)
+        fn = jax.jit(lambda p, k, b, tile=tile: glu_conv._pallas_backward(p, k, b, cotangent, interpret, **tile))
+        grads = fn(padded, kernel, bias)
+        ms = median_ms(lambda: fn(padded, kernel, bias), jax.block_until_ready, args.warmup, args.iters)
+        emit({"op": "glu_conv_backward_kernels", "shape": list(shape), "impl": "pallas", **tile, "ms": round(ms, 4),
+              "rel_diff": max(rel(a, b) for a, b in zip(conv_grads_ref, grads))})
 
 
 def bench_litela(shape, args, interpret):

@@ -20,6 +20,7 @@ import numpy as np
 from sana_jax import glu_conv
 from sana_jax.configs import SanaConfig
 from sana_jax.linear_attention import relu_linear_attention_pallas, relu_linear_attention_xla_packed
+from sana_jax.ops import accum_dtype, add_bias
 
 Array = jax.Array
 _FP16_MAX = 65504.0
@@ -27,11 +28,6 @@ _FP16_MAX = 65504.0
 
 def compute_dtype(cfg: SanaConfig) -> jnp.dtype:
     return jnp.dtype(cfg.compute_dtype)
-
-
-def accum_dtype(dtype) -> jnp.dtype:
-    """Where SANA computes in fp32 whatever the activation dtype (norms, softmax, LiteLA): fp32, or fp64 if higher."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def matmul_precision(cfg: SanaConfig) -> jax.lax.Precision:
@@ -93,28 +89,6 @@ def on_batch_shards(fn, batched: tuple[Array, ...], shared: tuple[Array, ...] = 
     in_specs = (rows,) * len(batched) + (jax.sharding.PartitionSpec(),) * len(shared)
     # check_vma=False: pallas_call has no varying-axes rule; replicated inputs' cotangents are then psum'd.
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)(*batched, *shared)
-
-
-@jax.custom_vjp
-def add_bias(y: Array, bias: Array) -> Array:
-    """y [..., C] + bias [C]. Same value and gradients as `y + bias`, but the bias gradient (a sum over every
-    token) is reduced from the cotangent behind an optimization barrier: in the 1.6B training step XLA:GPU fused
-    the SiLU gradient into the inverted conv's bias reduction, one kernel of 4.9 ms per block (profiled,
-    benchmarks/RESULTS.md), more than the block's matmuls take."""
-    return y + bias
-
-
-def _add_bias_fwd(y, bias):
-    return y + bias, None
-
-
-def _add_bias_bwd(_, g):
-    rows = jax.lax.optimization_barrier(g)  # a plain reduction of the materialised cotangent, nothing fused in
-    grad = jnp.sum(rows.astype(accum_dtype(g.dtype)), axis=tuple(range(g.ndim - 1)))
-    return g, grad.astype(g.dtype)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def t2i_modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -313,47 +287,49 @@ def attention_over_kept_keys(q: Array, k: Array, v: Array, mask_bias: Array, imp
 
 
 class Conv1x1(nn.Module):
-    """1x1 convolution on [B, h, w, C_in] with an HWIO kernel [1, 1, C_in, C_out]."""
+    """1x1 convolution on [B, h, w, C_in] with an HWIO kernel [1, 1, C_in, C_out]. With `bias_to_consumer` it
+    returns (x @ kernel, bias) for a consumer that adds the bias itself (DepthwiseGLU's fused kernel)."""
 
     features: int
     config: SanaConfig
     axes: tuple[str | None, str | None]
     use_bias: bool = True
+    bias_to_consumer: bool = False
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array) -> Array | tuple[Array, Array]:
         dtype, c_in = compute_dtype(self.config), x.shape[-1]
         init = _conv_default_init(c_in)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None) + self.axes),
                             (1, 1, c_in, self.features), jnp.float32)
         y = jnp.einsum("bhwi,io->bhwo", x.astype(dtype), kernel[0, 0].astype(dtype),
                        precision=matmul_precision(self.config))
-        if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(init, self.axes[1:]), (self.features,),
-                              jnp.float32)
-            y = add_bias(y, bias.astype(dtype))
-        return y
+        if not self.use_bias:
+            return y
+        bias = self.param("bias", nn.with_logical_partitioning(init, self.axes[1:]), (self.features,), jnp.float32)
+        return (y, bias.astype(dtype)) if self.bias_to_consumer else add_bias(y, bias.astype(dtype))
 
 
 class DepthwiseGLU(nn.Module):
-    """3x3 depthwise convolution (padding 1, bias; HWIO kernel [3, 3, 1, 2F]) of the SiLU'd inverted-conv output,
-    then value * SiLU(gate) over its two halves: [B, h, w, 2F] -> [B, h, w, F] (sana_jax/glu_conv.py)."""
+    """SiLU(pre + pre_bias) (the inverted conv's output), 3x3 depthwise convolution (padding 1, bias; HWIO kernel
+    [3, 3, 1, 2F]), then value * SiLU(gate) over its two halves: [B, h, w, 2F] -> [B, h, w, F]
+    (sana_jax/glu_conv.py)."""
 
     config: SanaConfig
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        dtype, c = compute_dtype(self.config), x.shape[-1]
+    def __call__(self, pre: Array, pre_bias: Array) -> Array:
+        dtype, c = compute_dtype(self.config), pre.shape[-1]
         init = _conv_default_init(9)  # torch fan_in of a depthwise kernel = 1 * 3 * 3
         kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, None, "mlp")),
                             (3, 3, 1, c), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(init, ("mlp",)), (c,), jnp.float32)
-        padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
         kernel, bias = kernel[:, :, 0].astype(dtype), bias.astype(dtype)  # the conv's weights in the compute dtype
+        pre, pre_bias = pre.astype(dtype), pre_bias.astype(dtype)
         if resolve_glu_impl(self.config) == "pallas":
-            kernel_fn = lambda *a: glu_conv.glu_dwconv_pallas(*a, _interpret_pallas())  # noqa: E731
-            return on_batch_shards(kernel_fn, (padded,), (kernel, bias))
-        return glu_conv.glu_dwconv_xla(padded, kernel, bias)
+            kernel_fn = lambda *a: glu_conv.silu_glu_dwconv_pallas(*a, _interpret_pallas())  # noqa: E731
+            return on_batch_shards(kernel_fn, (pre,), (pre_bias, kernel, bias))
+        return glu_conv.silu_glu_dwconv_xla(pre, pre_bias, kernel, bias)
 
 
 class GLUMBConv(nn.Module):
@@ -367,8 +343,8 @@ class GLUMBConv(nn.Module):
         b, n, c = x.shape
         hidden = cfg.ffn_hidden
         h = x.reshape(b, *grid_hw, c)
-        h = nn.silu(Conv1x1(2 * hidden, cfg, ("embed", "mlp"), name="inverted_conv")(h))  # [B, h, w, 2F]
-        h = DepthwiseGLU(cfg, name="depth_conv")(h)  # [B, h, w, F]: the first half is the value, the second the gate
+        pre, pre_bias = Conv1x1(2 * hidden, cfg, ("embed", "mlp"), bias_to_consumer=True, name="inverted_conv")(h)
+        h = DepthwiseGLU(cfg, name="depth_conv")(pre, pre_bias)  # [B, h, w, F]: the value half gated by the gate half
         h = Conv1x1(c, cfg, ("mlp", "embed"), use_bias=False, name="point_conv")(h)
         return h.reshape(b, n, c)
 

@@ -79,23 +79,27 @@ def test_cudnn_cross_attention_matches_xla_sibling():
 def test_pallas_glu_kernel_compiled_matches_xla_sibling():
     from sana_jax import glu_conv
 
-    for shape, dtype in (((2, 32, 32, 2880), jnp.bfloat16), ((3, 5, 7, 136), jnp.bfloat16),
-                         ((2, 6, 10, 40), jnp.float32), ((1, 128, 128, 2880), jnp.bfloat16)):
+    # 0.6B b32 (whole images per program), b1 (row chunks), awkward sizes, fp32, 4096 px (column tiles, XLA's
+    # backward).
+    for shape, dtype in (((2, 32, 32, 2880), jnp.bfloat16), ((1, 32, 32, 2880), jnp.bfloat16),
+                         ((3, 5, 7, 136), jnp.bfloat16), ((2, 6, 10, 40), jnp.float32),
+                         ((1, 128, 128, 2880), jnp.bfloat16)):
         b, h, w, f = shape
         rng = np.random.default_rng(0)
-        padded = jnp.pad(jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
-        kernel = jnp.asarray(rng.standard_normal((3, 3, 2 * f)), dtype)
-        bias = jnp.asarray(rng.standard_normal(2 * f), dtype)
-        ref = jax.jit(glu_conv.glu_dwconv_xla)(padded, kernel, bias)
-        out = jax.jit(glu_conv.glu_dwconv_pallas)(padded, kernel, bias)
+        pre = jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), dtype)
+        pre_bias, kernel, bias = (jnp.asarray(rng.standard_normal(size), dtype)
+                                  for size in ((2 * f,), (3, 3, 2 * f), (2 * f,)))
+        inputs = (pre, pre_bias, kernel, bias)
+        ref = jax.jit(glu_conv.silu_glu_dwconv_xla)(*inputs)
+        out = jax.jit(glu_conv.silu_glu_dwconv_pallas)(*inputs)
         bound = TOLERANCES["tiny_fp32"] if dtype == jnp.float32 else TOLERANCES["litela_bf16"]
         err = relative_error(ref, out)
         print(shape, dtype.__name__, err)
         assert err <= bound, (shape, err)
         cotangent = jnp.asarray(rng.standard_normal(ref.shape), dtype)
-        grads_ref = jax.jit(lambda *a: jax.vjp(glu_conv.glu_dwconv_xla, *a)[1](cotangent))(padded, kernel, bias)
-        grads = jax.jit(lambda *a: jax.vjp(glu_conv.glu_dwconv_pallas, *a)[1](cotangent))(padded, kernel, bias)
-        for name, g_ref, g in zip(("padded", "kernel", "bias"), grads_ref, grads):
+        grads_ref = jax.jit(lambda *a: jax.vjp(glu_conv.silu_glu_dwconv_xla, *a)[1](cotangent))(*inputs)
+        grads = jax.jit(lambda *a: jax.vjp(glu_conv.silu_glu_dwconv_pallas, *a)[1](cotangent))(*inputs)
+        for name, g_ref, g in zip(("pre", "pre_bias", "kernel", "bias"), grads_ref, grads):
             err = relative_error(g_ref, g)
             print(shape, dtype.__name__, "d_" + name, err)
             assert err <= bound, (shape, name, err)

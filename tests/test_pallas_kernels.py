@@ -24,48 +24,70 @@ SHAPES = [(2, 3, 5, 40), (1, 4, 7, 130), (1, 1, 1, 8)]  # (B, H, W, F)
 
 
 def _case(shape, dtype, seed=0):
+    """pre [B, H, W, 2F] (the inverted conv before its bias), pre_bias [2F], kernel [3, 3, 2F], bias [2F]."""
     b, h, w, f = shape
     rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), dtype)
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    pre = jnp.asarray(rng.standard_normal((b, h, w, 2 * f)), dtype)
+    pre_bias = jnp.asarray(rng.standard_normal(2 * f), dtype)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 2 * f)), dtype)
     bias = jnp.asarray(rng.standard_normal(2 * f), dtype)
-    return padded, kernel, bias
+    return pre, pre_bias, kernel, bias
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_xla_sibling_is_a_depthwise_convolution_then_gating(shape):
-    padded, kernel, bias = _case(shape, jnp.float32)
+def test_xla_sibling_is_silu_then_a_depthwise_convolution_then_gating(shape):
+    pre, pre_bias, kernel, bias = _case(shape, jnp.float32)
+    padded = jnp.pad(jax.nn.silu(pre + pre_bias), ((0, 0), (1, 1), (1, 1), (0, 0)))
     conv = jax.lax.conv_general_dilated(padded, kernel[:, :, None, :], (1, 1), "VALID",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=padded.shape[-1],
                                         precision=jax.lax.Precision.HIGHEST) + bias
     value, gate = jnp.split(conv, 2, axis=-1)
-    assert_close("glu_dwconv_xla vs grouped conv", value * jax.nn.silu(gate),
-                 glu_conv.glu_dwconv_xla(padded, kernel, bias), "tiny_fp32")
+    assert_close("silu_glu_dwconv_xla vs grouped conv", value * jax.nn.silu(gate),
+                 glu_conv.silu_glu_dwconv_xla(pre, pre_bias, kernel, bias), "tiny_fp32")
+
+
+def _check_against_sibling(label, fused, args, dtype):
+    """`fused` (pre, pre_bias, kernel, bias) -> out against silu_glu_dwconv_xla: output and all four gradients."""
+    ref = glu_conv.silu_glu_dwconv_xla(*args)
+    out = fused(*args)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    # Same fp32 sums in the same order: equal up to fp32 rounding (bf16 outputs: at most one rounding flip).
+    tolerance = "tiny_fp32" if dtype == jnp.float32 else "litela_bf16"
+    assert_close(f"{label} output", ref, out, tolerance)
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal(ref.shape), dtype)
+    grads_ref = jax.vjp(glu_conv.silu_glu_dwconv_xla, *args)[1](cotangent)
+    grads = jax.vjp(fused, *args)[1](cotangent)
+    # The backward kernels round like XLA's vjp; the weight gradients sum per row first, then over rows (another
+    # fp32 order, then one rounding to the weights' dtype: at most one bf16 flip).
+    for name, g_ref, g in zip(("pre", "pre_bias", "kernel", "bias"), grads_ref, grads):
+        assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, name
+        assert_close(f"{label} d_{name}", g_ref, g, tolerance)
 
 
 # The last case is wider than glu_conv.PALLAS_BACKWARD_MAX_WIDTH: its backward is XLA's vjp.
 @pytest.mark.parametrize("shape, dtype", [(SHAPES[0], jnp.float32), (SHAPES[1], jnp.bfloat16),
                                           (SHAPES[2], jnp.bfloat16), ((1, 1, 33, 8), jnp.bfloat16)])
 def test_glu_kernel_matches_xla_sibling(shape, dtype):
-    padded, kernel, bias = _case(shape, dtype, seed=1)
-    ref = glu_conv.glu_dwconv_xla(padded, kernel, bias)
-    out = glu_conv.glu_dwconv_pallas(padded, kernel, bias, True)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    # Same fp32 sums in the same order: equal up to fp32 rounding (bf16 outputs: at most one rounding flip).
-    assert_close(f"glu_dwconv pallas vs xla {shape} {dtype.__name__}", ref, out,
-                 "tiny_fp32" if dtype == jnp.float32 else "litela_bf16")
+    args = _case(shape, dtype, seed=1)
+    fused = lambda *a: glu_conv.silu_glu_dwconv_pallas(*a, True)  # noqa: E731
+    _check_against_sibling(f"silu_glu_dwconv pallas vs xla {shape} {dtype.__name__}", fused, args, dtype)
 
-    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal(ref.shape), dtype)
-    grads_ref = jax.vjp(glu_conv.glu_dwconv_xla, padded, kernel, bias)[1](cotangent)
-    grads = jax.vjp(lambda *a: glu_conv.glu_dwconv_pallas(*a, True), padded, kernel, bias)[1](cotangent)
-    # The backward kernels round like XLA's vjp; the weight gradients sum per row first, then over rows (another
-    # fp32 order, then one rounding to the weights' dtype: at most one bf16 flip).
-    for name, g_ref, g in zip(("padded", "kernel", "bias"), grads_ref, grads):
-        assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, name
-        assert_close(f"glu_dwconv pallas vs xla d_{name} {shape} {dtype.__name__}", g_ref, g,
-                     "tiny_fp32" if dtype == jnp.float32 else "litela_bf16")
+
+# Several programs per image: row chunks (the last one partial) and column tiles (the last one partial), as the
+# forward takes at batch 1 and on rows wider than 32 pixels.
+@pytest.mark.parametrize("shape, tile_w, rows, block_c", [((2, 5, 7, 24), 4, 2, 16), ((1, 9, 3, 40), 2, 4, 32)])
+def test_glu_forward_tiles_and_row_chunks_match_xla_sibling(shape, tile_w, rows, block_c):
+    args = _case(shape, jnp.bfloat16, seed=3)
+    ref = glu_conv.silu_glu_dwconv_xla(*args)
+    out = glu_conv._fused_forward(*args, True, tile_w=tile_w, block_c=block_c, rows=rows)
+    assert_close(f"silu_glu_dwconv tiles {shape} {tile_w} {rows} {block_c}", ref, out, "litela_bf16")
+
+
+def test_glu_row_chunk_keeps_enough_programs():
+    assert glu_conv.row_chunk(32, 32, 1, 45) == 32  # 1440 programs with whole images
+    assert glu_conv.row_chunk(1, 32, 1, 45) == 4  # batch 1: 8 chunks x 45 blocks = 360, the floor of 4 rows
+    assert glu_conv.row_chunk(2, 64, 2, 45) == 8  # 2 x 8 x 2 x 45 = 1440
 
 
 @pytest.mark.parametrize("batch, tokens, heads, head_dim, dtype, packed", [
@@ -136,9 +158,11 @@ def kernel_batches(jaxpr, batch=None):  # per launch: the enclosing shard_map's 
         if eqn.primitive.name == "pallas_call":
             yield batch
         inner = batch
-        if eqn.primitive.name == "shard_map":
-            operands = eqn.params["jaxpr"].invars  # per-device avals (partial evaluation leaves some maps empty)
-            inner = operands[0].aval.shape[0] if operands else batch
+        if eqn.primitive.name == "shard_map":  # operands split like the map's output rows: the batched ones
+            rows = eqn.params["out_specs"][0] if eqn.params["out_specs"] else None
+            batched = [v.aval.shape[0] for v, spec in zip(eqn.params["jaxpr"].invars, eqn.params["in_specs"])
+                       if rows is not None and spec == rows]  # per-device avals (partial evaluation empties some maps)
+            inner = batched[0] if batched else batch
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             yield from kernel_batches(sub, inner)
 
