@@ -4,22 +4,24 @@
     dw[j] = sum_{dy, dx in 0..2} padded[b, h + dy, w + dx, j] * kernel[dy, dx, j]
     padded = SiLU(pre + pre_bias) with a zero border: [B, H + 2, W + 2, 2F]
 
-`pre` is the inverted 1x1 conv's matmul output before its bias. The bias add and the SiLU each round once to
-the activation dtype (as torch's conv and F.silu do); the nine-tap sum and the bias add run in fp32 and round once,
-as a cuDNN / PyTorch depthwise convolution does; the gating then rounds like the eager ops.
+`pre` is the inverted 1x1 conv's matmul output before its bias. The bias add rounds to the activation dtype like
+the model's other bias adds; the SiLU computes in fp32 and rounds once, as torch's F.silu does on bf16; the nine-tap
+sum and the bias add run in fp32 and round once, as a cuDNN / PyTorch depthwise convolution does; the gating then
+rounds like the eager ops.
 
 Two implementations of the same function:
   `silu_glu_dwconv_xla`    `silu_padded` then nine shifted multiply-adds (`glu_dwconv_xla`; portable, fuses on
                            every backend; XLA:CPU's grouped-conv backward was ~100x slower than this form).
-  `silu_glu_dwconv_pallas` a Pallas (Triton) GPU kernel reading `pre` itself: one program per image, tile of up to
-                           32 columns, block of channels and chunk of rows walks down the rows, SiLU-ing each input
+  `silu_glu_dwconv_pallas` a Pallas (Triton) GPU kernel reading `pre` itself: one program per image, chunk of rows,
+                           tile of up to 16 columns and block of channels walks down the rows, SiLU-ing each input
                            row at its three column shifts and adding it into the three output rows it feeds (kept
                            in registers), so neither the padded SiLU activation nor the [B, H, W, 2F] convolution
-                           output goes to memory. Its backward (rows up to 32 pixels; XLA's vjp beyond) rebuilds
-                           `padded` with XLA and runs two kernels on it: one recomputes the convolution, writes the
-                           cotangent of its fp32 output and per-row partial sums of the weight gradients; one
-                           applies the transposed convolution to that cotangent. `interpret=True` runs them on any
-                           backend (tests).
+                           output goes to memory. Compiled, its SiLU uses two approximate PTX instructions
+                           (`_sigmoid`, within 1e-5; outputs equal the sibling's at SANA's shapes on H100).
+                           Its backward (rows up to 32 pixels; XLA's vjp beyond) rebuilds `padded` with XLA and
+                           runs two kernels on it: one recomputes the convolution, writes the cotangent of its fp32
+                           output and per-row partial sums of the weight gradients; one applies the transposed
+                           convolution to that cotangent. `interpret=True` runs them on any backend (tests).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from sana_jax.ops import accum_dtype, add_bias
 
 def forward_tile(width: int) -> tuple[int, int, int]:
     """The fused forward's (columns, channels, warps) per program: up to 16 columns (wider rows take several
-    programs) x 32 channels x 4 warps, from benchmarks/pallas_kernels.py --sweep on H100 (RESULTS.md)."""
+    programs) x 32 channels x 4 warps, the fastest measured on H100 (RESULTS.md, fifth session; `--sweep` of
+    benchmarks/pallas_kernels.py reruns the comparison)."""
     return min(16, pl.next_power_of_2(width)), 32, 4
 
 
@@ -85,9 +88,9 @@ def silu_glu_dwconv_xla(pre: jax.Array, pre_bias: jax.Array, kernel: jax.Array, 
 
 
 class _RowTile:
-    """The tile of one program of the forward grid (one output row (b, h) of one block of channels), with the
-    loads both the forward kernel and the backward's recompute make. x_ref: padded rows [B*(H+2)*(W+2), 2F]
-    (flat); k_ref [9, 2F]; b_ref [2F] fp32."""
+    """The tile of one program of the backward's first kernel (one output row (b, h) of one block of channels),
+    with its loads of the padded input. x_ref: padded rows [B*(H+2)*(W+2), 2F] (flat); k_ref [9, 2F]; b_ref [2F]
+    fp32."""
 
     def __init__(self, x_ref, k_ref, b_ref, *, height: int, width: int, features: int, rows: int, block_c: int):
         self.x_ref, self.k_ref, self.b_ref = x_ref, k_ref, b_ref
@@ -133,9 +136,10 @@ def _triton_params(num_warps: int):
 
 
 def _sigmoid(z, interpret: bool):
-    """fp32 logistic 1 / (1 + 2^(-z log2 e)). Compiled: PTX ex2.approx + rcp.approx, within ~2e-6 of the exact value
-    (a bf16 rounding step is 4e-3); the fused forward ran 1.26 -> 1.00 ms at 0.6B b32 on H100 with it instead of
-    libdevice's expf and an IEEE division (RESULTS.md). Interpreted: jax.nn.sigmoid."""
+    """fp32 logistic 1 / (1 + 2^(-z log2 e)). Compiled: PTX ex2.approx + rcp.approx, relative error below 1e-5
+    (mostly the rounding of z log2 e; a bf16 rounding step is 4e-3); the fused forward ran 1.18-1.26 -> 1.00 ms at
+    0.6B b32 on H100 with it instead of libdevice's expf and an IEEE division (RESULTS.md). Interpreted:
+    jax.nn.sigmoid."""
     from jax.experimental.pallas import triton as plgpu
 
     if interpret:
