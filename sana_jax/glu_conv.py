@@ -48,10 +48,6 @@ def backward_channel_block(width: int) -> int:
     return min(64, max(16, 8192 // pl.next_power_of_2(width)))
 
 
-def _num_warps(block_c: int) -> int:
-    return 8 if block_c == 128 else 4
-
-
 def _gate(dw_value, dw_gate, out_dtype):
     """fp32 convolution outputs (bias included) -> value * silu(gate), rounded as the eager ops round."""
     value, gate = dw_value.astype(out_dtype), dw_gate.astype(out_dtype)
@@ -333,7 +329,7 @@ def _pallas_backward(padded, kernel, bias, cotangent, interpret: bool, block_c: 
     features = channels // 2
     rows = pl.next_power_of_2(width)
     block_c = block_c or backward_channel_block(width)
-    params = None if interpret else _triton_params(num_warps or _num_warps(block_c))
+    params = None if interpret else _triton_params(num_warps or 4)
     taps = kernel.reshape(9, channels).astype(padded.dtype)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     d_total, dk_rows, db_rows = pl.pallas_call(
