@@ -13,9 +13,9 @@ Two implementations of the same function:
   `silu_glu_dwconv_xla`    `silu_padded` then nine shifted multiply-adds (`glu_dwconv_xla`; portable, fuses on
                            every backend; XLA:CPU's grouped-conv backward was ~100x slower than this form).
   `silu_glu_dwconv_pallas` a Pallas (Triton) GPU kernel reading `pre` itself: one program per image, chunk of rows,
-                           tile of up to 16 columns and block of channels walks down the rows, SiLU-ing each input
-                           row at its three column shifts and adding it into the three output rows it feeds (kept
-                           in registers), so neither the padded SiLU activation nor the [B, H, W, 2F] convolution
+                           tile of up to 8 columns and block of channels walks down the rows holding three SiLU'd
+                           input rows in registers, one [channels] vector per pixel, so each input pixel is loaded
+                           and SiLU'd once and neither the padded SiLU activation nor the [B, H, W, 2F] convolution
                            output goes to memory. Compiled, its SiLU uses two approximate PTX instructions
                            (`_sigmoid`, within 1e-5; outputs equal the sibling's at SANA's shapes on H100).
                            Its backward (rows up to 32 pixels; XLA's vjp beyond) rebuilds `padded` with XLA and
@@ -36,10 +36,10 @@ from sana_jax.ops import accum_dtype, add_bias
 
 
 def forward_tile(width: int) -> tuple[int, int, int]:
-    """The fused forward's (columns, channels, warps) per program: up to 16 columns (wider rows take several
-    programs) x 32 channels x 4 warps, the fastest measured on H100 (RESULTS.md, fifth session; `--sweep` of
-    benchmarks/pallas_kernels.py reruns the comparison)."""
-    return min(16, pl.next_power_of_2(width)), 32, 4
+    """The fused forward's (columns, channels, warps) per program: up to 8 columns (wider rows take several
+    programs) x 128 channels x 4 warps (RESULTS.md, sixth session; `--sweep` of benchmarks/pallas_kernels.py reruns
+    the comparison)."""
+    return min(8, width), 128, 4
 
 
 def backward_channel_block(width: int) -> int:
@@ -148,15 +148,16 @@ def _sigmoid(z, interpret: bool):
 
 
 def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: int, tile_w: int,
-                  block_c: int, row_chunk: int, width_tiles: int, front: int, interpret: bool):
+                  block_c: int, row_chunk: int, width_tiles: int, interpret: bool):
     """Program (image b, row chunk, column tile, channel block): output rows [h0, h0 + row_chunk) x columns
     [w0, w0 + tile_w) x one block of channels of both halves.
 
-    y_ref: pre [front + B*H*W, 2F] (flat; `front` leading rows, see _fused_forward); yb_ref pre_bias [2F];
-    k_ref [9, 2F] (activation dtype); b_ref [2F] fp32; o_ref [B*H*W, F]. Input row r (r = h0 - 1 .. h0 + row_chunk)
-    feeds output rows r + 1, r, r - 1 through kernel rows 0, 1, 2, so three fp32 accumulators per half ride down
-    the rows; each output gets its bias first and then its taps in (dy, dx) order, as the XLA sibling sums them.
-    Row r + 1's loads are issued before row r's arithmetic (carried), to hide their latency.
+    y_ref: pre [B*H*W, 2F] (flat); yb_ref pre_bias [2F]; k_ref [9, 2F] (activation dtype); b_ref [2F] fp32;
+    o_ref [B*H*W, F]. Each pixel column is its own [C_blk] vector (a Python list over the tile_w + 2 input
+    columns), so the column shifts of the convolution pick list entries instead of reloading shifted tiles: every
+    input pixel is loaded and SiLU'd once per program (plus the two halo columns). Three SiLU'd input rows ride
+    down the image; output row r takes input rows r - 1, r, r + 1, its bias first and then its taps in (dy, dx)
+    order, as the XLA sibling sums them. Row r + 2's loads are issued before row r's arithmetic (carried).
     """
     from jax.experimental.pallas import triton as plgpu
 
@@ -165,55 +166,68 @@ def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, *, height: int, width: int
     b, rest = program // (chunks * width_tiles), program % (chunks * width_tiles)
     h0, w0 = (rest // width_tiles) * row_chunk, (rest % width_tiles) * tile_w
     h_end = jnp.minimum(h0 + row_chunk, height)
-    w = w0 + jnp.arange(tile_w)
     valid_c = (block * block_c + jnp.arange(block_c)) < features
     dtype = y_ref.dtype
+    halves = (0, 1)
 
     def columns(half):
         return pl.ds(half * features + block * block_c, block_c)
 
-    def vector(ref, half, row=None):  # [1, C_blk] fp32: of a [2F] vector, or row `row` of a [9, 2F] table
-        if row is None:
-            return plgpu.load(ref.at[columns(half)], mask=valid_c, other=0).astype(jnp.float32)[None, :]
-        return plgpu.load(ref.at[pl.ds(row, 1), columns(half)], mask=valid_c[None, :], other=0).astype(jnp.float32)
+    def vector(ref, half, row=None):  # [C_blk] fp32: of a [2F] vector, or row `row` of a [9, 2F] table
+        at = ref.at[columns(half)] if row is None else ref.at[jnp.int32(row), columns(half)]
+        return plgpu.load(at, mask=valid_c, other=0).astype(jnp.float32)
 
-    def inside(r, dx):  # [tile_w, C_blk]: input row r at columns w - 1 + dx lies in the image
-        col = w - 1 + dx
-        return ((r >= 0) & (r < height) & (col >= 0) & (col < width))[:, None] & valid_c[None, :]
+    pre_bias = [vector(yb_ref, half) for half in halves]
+    taps = [[vector(k_ref, half, tap) for tap in range(9)] for half in halves]
+    bias = [vector(b_ref, half) for half in halves]
+    # Input column j of the tile is image column w0 - 1 + j.
+    in_columns = [((w0 - 1 + j >= 0) & (w0 - 1 + j < width), w0 - 1 + j) for j in range(tile_w + 2)]
+
+    def pixel(r, col, inside):  # flat row of (b, r, col); 0 where outside (the access is masked there)
+        return jnp.where(inside, (b * height + r) * width + col, 0)
 
     def load_row(r):
-        """pre of input row r at columns w - 1 + dx, per (dx, half): 6 tiles [tile_w, C_blk], zero outside."""
-        starts = [front + (b * height + r) * width + w0 - 1 + dx for dx in range(3)]
-        return tuple(plgpu.load(y_ref.at[pl.ds(starts[dx], tile_w), columns(half)], mask=inside(r, dx), other=0)
-                     for dx in range(3) for half in range(2))
+        """pre of input row r: per input column, (value half, gate half) [C_blk] in the activation dtype."""
+        row_inside = (r >= 0) & (r < height)
+        return tuple(tuple(plgpu.load(y_ref.at[pixel(r, col, row_inside & col_inside), columns(half)],
+                                      mask=valid_c & (row_inside & col_inside), other=0) for half in halves)
+                     for col_inside, col in in_columns)
 
-    def silu(r, dx, half, x):
-        """SiLU(pre + pre_bias), each rounded to the activation dtype, zero outside the image."""
-        z = (x.astype(jnp.float32) + vector(yb_ref, half)).astype(dtype).astype(jnp.float32)
-        return jnp.where(inside(r, dx), (z * _sigmoid(z, interpret)).astype(dtype).astype(jnp.float32), 0.0)
-
-    def fresh():  # a new output row's accumulators: its bias
-        return tuple(vector(b_ref, half) + jnp.zeros((tile_w, block_c), jnp.float32) for half in range(2))
+    def silu_row(r, loaded):
+        """SiLU(pre + pre_bias) of input row r, each step rounded to the activation dtype, fp32, zero outside."""
+        row_inside = (r >= 0) & (r < height)
+        out = []
+        for (col_inside, _), pair in zip(in_columns, loaded):
+            silus = []
+            for half, x in zip(halves, pair):
+                z = (x.astype(jnp.float32) + pre_bias[half]).astype(dtype).astype(jnp.float32)
+                s = (z * _sigmoid(z, interpret)).astype(dtype).astype(jnp.float32)
+                silus.append(jnp.where(row_inside & col_inside, s, 0.0))
+            out.append(tuple(silus))
+        return tuple(out)
 
     def step(i, carry):
-        above, here, below, row = carry  # accumulators of outputs r - 1, r, r + 1 (value, gate); row r's loads
-        r = h0 - 1 + i
-        next_row = load_row(r + 1)
-        above, here, below = list(above), list(here), list(below)
-        for dx in range(3):
-            for half in range(2):
-                s = silu(r, dx, half, row[2 * dx + half])
-                above[half] = above[half] + s * vector(k_ref, half, 6 + dx)
-                here[half] = here[half] + s * vector(k_ref, half, 3 + dx)
-                below[half] = below[half] + s * vector(k_ref, half, dx)
-        out = r - 1  # complete now: it has all three of its input rows
-        mask = (w < width)[:, None] & valid_c[None, :] & (out >= h0) & (out < h_end)
-        plgpu.store(o_ref.at[pl.ds((b * height + out) * width + w0, tile_w), columns(0)],
-                    _gate(above[0], above[1], o_ref.dtype), mask=mask)
-        return tuple(here), tuple(below), fresh(), next_row
+        above, middle, loaded_below = carry  # SiLU'd input rows r - 1 and r, input row r + 1 as loaded
+        r = h0 + i
+        loaded_next = load_row(r + 2)
+        below = silu_row(r + 1, loaded_below)
+        window = (above, middle, below)
+        for j in range(tile_w):
+            dw = []
+            for half in halves:
+                total = bias[half]
+                for dy in range(3):
+                    for dx in range(3):
+                        total = total + window[dy][j + dx][half] * taps[half][3 * dy + dx]
+                dw.append(total)
+            col = w0 + j
+            inside = (col < width) & (r < h_end)
+            plgpu.store(o_ref.at[pixel(r, col, inside), columns(0)], _gate(dw[0], dw[1], o_ref.dtype),
+                        mask=valid_c & inside)
+        return middle, below, loaded_next
 
-    zeros = (jnp.zeros((tile_w, block_c), jnp.float32),) * 2
-    jax.lax.fori_loop(0, row_chunk + 2, step, (zeros, zeros, fresh(), load_row(h0 - 1)))
+    first = (silu_row(h0 - 1, load_row(h0 - 1)), silu_row(h0, load_row(h0)), load_row(h0 + 1))
+    jax.lax.fori_loop(0, row_chunk, step, first)
 
 
 def row_chunk(batch: int, height: int, width_tiles: int, blocks: int, programs: int = 1024) -> int:
@@ -234,13 +248,9 @@ def _fused_forward(pre, pre_bias, kernel, bias, interpret: bool, tile_w: int | N
     width_tiles, blocks = pl.cdiv(width, tile_w), pl.cdiv(features, block_c)
     rows = rows or row_chunk(batch, height, width_tiles, blocks)
     flat = pre.reshape(-1, channels)
-    # Loads of row -1 / column -1 start before the array: masked pointer offsets on the GPU, but the interpreter
-    # clamps a slice's start into the array (shifting the tile), so there the input gets leading rows.
-    front = width + 1 if interpret else 0
-    flat = jnp.pad(flat, ((front, 0), (0, 0))) if front else flat
     call = pl.pallas_call(
         functools.partial(_fused_kernel, height=height, width=width, features=features, tile_w=tile_w,
-                          block_c=block_c, row_chunk=rows, width_tiles=width_tiles, front=front,
+                          block_c=block_c, row_chunk=rows, width_tiles=width_tiles,
                           interpret=interpret),
         out_shape=jax.ShapeDtypeStruct((batch * height * width, features), pre.dtype),
         grid=(batch * pl.cdiv(height, rows) * width_tiles, blocks),
