@@ -37,8 +37,9 @@ from sana_jax.ops import accum_dtype, add_bias
 
 def forward_tile(width: int) -> tuple[int, int, int]:
     """The fused forward's (columns, channels, warps) per program: up to 8 columns (wider rows take several
-    programs) x 128 channels x 4 warps (RESULTS.md, sixth session; `--sweep` of benchmarks/pallas_kernels.py reruns
-    the comparison)."""
+    programs) x 128 channels x 4 warps, one channel per thread; (8, 64, 2) measured within noise of it on H100, wider
+    column tiles and two channels per thread slower (RESULTS.md, sixth session; `--sweep` of
+    benchmarks/pallas_kernels.py reruns the comparison)."""
     return min(8, width), 128, 4
 
 

@@ -75,8 +75,9 @@ def test_glu_kernel_matches_xla_sibling(shape, dtype):
 
 
 # Several programs per image: row chunks (the last one partial) and column tiles (the last one partial), as the
-# forward takes at batch 1 and on rows wider than 32 pixels.
-@pytest.mark.parametrize("shape, tile_w, rows, block_c", [((2, 5, 7, 24), 3, 2, 16), ((1, 9, 3, 40), 2, 4, 32)])
+# forward takes at batch 1 and on rows wider than 8 pixels; a column tile wider than the image.
+@pytest.mark.parametrize("shape, tile_w, rows, block_c", [((2, 5, 7, 24), 3, 2, 16), ((1, 9, 3, 40), 2, 4, 32),
+                                                            ((2, 4, 6, 32), 8, 3, 16)])
 def test_glu_forward_tiles_and_row_chunks_match_xla_sibling(shape, tile_w, rows, block_c):
     args = _case(shape, jnp.bfloat16, seed=3)
     ref = glu_conv.silu_glu_dwconv_xla(*args)
