@@ -134,8 +134,8 @@ def _triton_params(num_warps: int):
 
 def _sigmoid(z, interpret: bool):
     """fp32 logistic 1 / (1 + 2^(-z log2 e)). Compiled: PTX ex2.approx + rcp.approx, relative error below 1e-5
-    (mostly the rounding of z log2 e; a bf16 rounding step is 4e-3); the fused forward ran 1.18-1.26 -> 1.00 ms at
-    0.6B b32 on H100 with it instead of libdevice's expf and an IEEE division (RESULTS.md). Interpreted:
+    (mostly the rounding of z log2 e; a bf16 rounding step is 4e-3); the fifth session's fused forward ran 1.18-1.26
+    -> 1.00 ms at 0.6B b32 on H100 with it instead of libdevice's expf and an IEEE division (RESULTS.md). Interpreted:
     jax.nn.sigmoid."""
     from jax.experimental.pallas import triton as plgpu
 
