@@ -16,8 +16,9 @@ Two implementations of the same function:
                            tile of up to 8 columns and block of channels walks down the rows holding three SiLU'd
                            input rows in registers, one [channels] vector per pixel, so each input pixel is loaded
                            and SiLU'd once and neither the padded SiLU activation nor the [B, H, W, 2F] convolution
-                           output goes to memory. Compiled, its SiLU uses two approximate PTX instructions
-                           (`_sigmoid`, within 1e-5; outputs equal the sibling's at SANA's shapes on H100).
+                           output goes to memory. Compiled, its SiLUs use two approximate PTX instructions
+                           (`_sigmoid`, within 1e-5) and its taps PTX FMAs (`_multiply_add`); outputs equal the
+                           sibling's at SANA's shapes on H100.
                            Its backward (rows up to 32 pixels; XLA's vjp beyond) rebuilds `padded` with XLA and
                            runs two kernels on it: one recomputes the convolution, writes the cotangent of its fp32
                            output and per-row partial sums of the weight gradients; one applies the transposed
@@ -49,10 +50,12 @@ def backward_channel_block(width: int) -> int:
     return min(64, max(16, 8192 // pl.next_power_of_2(width)))
 
 
-def _gate(dw_value, dw_gate, out_dtype):
-    """fp32 convolution outputs (bias included) -> value * silu(gate), rounded as the eager ops round."""
+def _gate(dw_value, dw_gate, out_dtype, sigmoid=jax.nn.sigmoid):
+    """fp32 convolution outputs (bias included) -> value * silu(gate), rounded as the eager ops round. The kernels
+    pass `_sigmoid`: Pallas lowers jax.nn.sigmoid to libdevice's expf and an IEEE division."""
     value, gate = dw_value.astype(out_dtype), dw_gate.astype(out_dtype)
-    gated = jax.nn.silu(gate.astype(accum_dtype(out_dtype))).astype(out_dtype)
+    wide = gate.astype(accum_dtype(out_dtype))
+    gated = (wide * sigmoid(wide)).astype(out_dtype)
     return value * gated
 
 
@@ -89,8 +92,9 @@ class _RowTile:
     with its loads of the padded input. x_ref: padded rows [B*(H+2)*(W+2), 2F] (flat); k_ref [9, 2F]; b_ref [2F]
     fp32."""
 
-    def __init__(self, x_ref, k_ref, b_ref, *, height: int, width: int, features: int, rows: int, block_c: int):
-        self.x_ref, self.k_ref, self.b_ref = x_ref, k_ref, b_ref
+    def __init__(self, x_ref, k_ref, b_ref, *, height: int, width: int, features: int, rows: int, block_c: int,
+                 interpret: bool):
+        self.x_ref, self.k_ref, self.b_ref, self.interpret = x_ref, k_ref, b_ref, interpret
         self.height, self.width, self.features, self.rows, self.block_c = height, width, features, rows, block_c
         self.row, self.block = pl.program_id(0), pl.program_id(1)
         self.b, self.h = self.row // height, self.row % height
@@ -122,7 +126,7 @@ class _RowTile:
             for dx in range(3):
                 for half in range(2):
                     x, k = self.tap(dy, dx, half)
-                    dw[half] = dw[half] + x * k
+                    dw[half] = _multiply_add(x, k, dw[half], self.interpret)
         return dw
 
 
@@ -146,6 +150,22 @@ def _sigmoid(z, interpret: bool):
         " rcp.approx.ftz.f32 $0, t; }",  # 0fBFB8AA3B = -log2(e)
         args=[z], constraints="=f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(z.shape, jnp.float32)])
     return sig
+
+
+def _multiply_add(x, k, total, interpret: bool):
+    """total + x * k in fp32; x [..., C_blk], k and total broadcastable to it. Compiled: one PTX fma.rn. The Pallas
+    Triton lowering does not contract a multiply and an add, and the taps' separate FMUL + FADD were about 36 of
+    the forward's 96 instructions per output (Nsight Compute, RESULTS.md). A product of two bf16 values is exact in
+    fp32, so bf16 sums are unchanged; fp32 ones round once, as cuDNN's convolutions do. Interpreted: total + x * k."""
+    from jax.experimental.pallas import triton as plgpu
+
+    if interpret:
+        return total + x * k
+    k, total = jnp.broadcast_to(k, x.shape), jnp.broadcast_to(total, x.shape)
+    [out] = plgpu.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=[x, k, total], constraints="=f,f,f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return out
 
 
 def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: int, tile_w: int,
@@ -174,13 +194,13 @@ def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, *, height: int, width: int
     def columns(half):
         return pl.ds(half * features + block * block_c, block_c)
 
-    def vector(ref, half, row=None):  # [C_blk] fp32: of a [2F] vector, or row `row` of a [9, 2F] table
+    def vector(ref, half, row=None):  # [C_blk] in ref's dtype: of a [2F] vector, or row `row` of a [9, 2F] table
         at = ref.at[columns(half)] if row is None else ref.at[jnp.int32(row), columns(half)]
-        return plgpu.load(at, mask=valid_c, other=0).astype(jnp.float32)
+        return plgpu.load(at, mask=valid_c, other=0)
 
-    pre_bias = [vector(yb_ref, half) for half in halves]
-    taps = [[vector(k_ref, half, tap) for tap in range(9)] for half in halves]
-    bias = [vector(b_ref, half) for half in halves]
+    pre_bias = [vector(yb_ref, half) for half in halves]  # activation dtype
+    taps = [[vector(k_ref, half, tap).astype(jnp.float32) for tap in range(9)] for half in halves]
+    bias = [vector(b_ref, half).astype(jnp.float32) for half in halves]
     # Input column j of the tile is image column w0 - 1 + j.
     in_columns = [((w0 - 1 + j >= 0) & (w0 - 1 + j < width), w0 - 1 + j) for j in range(tile_w + 2)]
 
@@ -201,7 +221,8 @@ def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, *, height: int, width: int
         for (col_inside, _), pair in zip(in_columns, loaded):
             silus = []
             for half, x in zip(halves, pair):
-                z = (x.astype(jnp.float32) + pre_bias[half]).astype(dtype).astype(jnp.float32)
+                # A 16-bit sum of 16-bit inputs equals the fp32 sum rounded once (24 >= 2 * 11 + 2 bits).
+                z = (x.astype(jnp.float32) + pre_bias[half].astype(jnp.float32)).astype(dtype).astype(jnp.float32)
                 s = (z * _sigmoid(z, interpret)).astype(dtype).astype(jnp.float32)
                 silus.append(jnp.where(row_inside & col_inside, s, 0.0))
             out.append(tuple(silus))
@@ -219,12 +240,13 @@ def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, *, height: int, width: int
                 total = bias[half]
                 for dy in range(3):
                     for dx in range(3):
-                        total = total + window[dy][j + dx][half] * taps[half][3 * dy + dx]
+                        total = _multiply_add(window[dy][j + dx][half], taps[half][3 * dy + dx], total,
+                                              interpret)
                 dw.append(total)
             col = w0 + j
             inside = (col < width) & (r < h_end)
-            plgpu.store(o_ref.at[pixel(r, col, inside), columns(0)], _gate(dw[0], dw[1], o_ref.dtype),
-                        mask=valid_c & inside)
+            gated = _gate(dw[0], dw[1], o_ref.dtype, lambda z: _sigmoid(z, interpret))
+            plgpu.store(o_ref.at[pixel(r, col, inside), columns(0)], gated, mask=valid_c & inside)
         return middle, below, loaded_next
 
     first = (silu_row(h0 - 1, load_row(h0 - 1)), silu_row(h0, load_row(h0)), load_row(h0 + 1))
@@ -266,14 +288,14 @@ def _fused_forward(pre, pre_bias, kernel, bias, interpret: bool, tile_w: int | N
     return out.reshape(batch, height, width, features)
 
 
-def _gate_backward(dw_value, dw_gate, cotangent, dtype):
+def _gate_backward(dw_value, dw_gate, cotangent, dtype, sigmoid):
     """Cotangents of the fp32 convolution outputs from the output's, rounded as XLA's vjp of `_gate` rounds them
     (bf16 products, the SiLU derivative in fp32, each result rounded to the activation dtype): [rows, C_blk] x 2,
     fp32 holding activation-dtype values."""
     acc = accum_dtype(dtype)
     value, gate = dw_value.astype(dtype), dw_gate.astype(dtype)
     gate32 = gate.astype(acc)
-    sig = jax.nn.sigmoid(gate32)
+    sig = sigmoid(gate32)
     gated = (gate32 * sig).astype(dtype)
     d_value = (cotangent * gated).astype(dtype)
     d_gated = (cotangent * value).astype(dtype).astype(acc)
@@ -292,7 +314,8 @@ def _total_grad_kernel(x_ref, k_ref, b_ref, ct_ref, dt_ref, dk_ref, db_ref, **sh
     dw_value, dw_gate = tile.convolution()
     out_rows = pl.ds(tile.row * tile.width, tile.rows)
     cotangent = plgpu.load(ct_ref.at[out_rows, tile.columns(0)], mask=tile.valid, other=0)
-    d_total = _gate_backward(dw_value, dw_gate, cotangent.astype(jnp.float32), x_ref.dtype)
+    d_total = _gate_backward(dw_value, dw_gate, cotangent.astype(jnp.float32), x_ref.dtype,
+                             lambda z: _sigmoid(z, tile.interpret))
     one_row = tile.valid_c[None, :]
     for half in range(2):
         d = jnp.where(tile.valid, d_total[half], 0.0)
@@ -306,7 +329,7 @@ def _total_grad_kernel(x_ref, k_ref, b_ref, ct_ref, dt_ref, dk_ref, db_ref, **sh
 
 
 def _input_grad_kernel(dt_ref, k_ref, dx_ref, *, height: int, width: int, channels: int, rows: int,
-                       block_c: int, front: int):
+                       block_c: int, front: int, interpret: bool):
     """Backward, part 2, per padded row (b, q) and channel block of all 2F channels: the transposed convolution
     d_padded[q, p] = sum over taps of d_total[q - dy, p - dx] * kernel[dy, dx] (zero outside the image).
     dt_ref: [front + B*H*W, 2F] (`front` leading pad rows, see _pallas_backward); dx_ref: [B*(H+2)*(W+2), 2F]."""
@@ -328,7 +351,7 @@ def _input_grad_kernel(dt_ref, k_ref, dx_ref, *, height: int, width: int, channe
             d = plgpu.load(dt_ref.at[pl.ds(start, rows), pl.ds(block * block_c, block_c)], mask=mask, other=0)
             k = plgpu.load(k_ref.at[pl.ds(dy * 3 + dx, 1), pl.ds(block * block_c, block_c)],
                            mask=valid_c[None, :], other=0)
-            total = total + d.astype(acc) * k.astype(acc)
+            total = _multiply_add(d.astype(acc), k.astype(acc), total, interpret)
     plgpu.store(dx_ref.at[pl.ds(row * (width + 2), rows), pl.ds(block * block_c, block_c)],
                 total.astype(dx_ref.dtype), mask=(p < width + 2)[:, None] & valid_c[None, :])
 
@@ -345,7 +368,7 @@ def _pallas_backward(padded, kernel, bias, cotangent, interpret: bool, block_c: 
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     d_total, dk_rows, db_rows = pl.pallas_call(
         functools.partial(_total_grad_kernel, height=height, width=width, features=features, rows=rows,
-                          block_c=block_c),
+                          block_c=block_c, interpret=interpret),
         out_shape=(jax.ShapeDtypeStruct((batch * height * width, channels), padded.dtype),
                    jax.ShapeDtypeStruct((batch * height * 9, channels), jnp.float32),
                    jax.ShapeDtypeStruct((batch * height, channels), jnp.float32)),
@@ -360,7 +383,7 @@ def _pallas_backward(padded, kernel, bias, cotangent, interpret: bool, block_c: 
     padded_rows = pl.next_power_of_2(width + 2)
     d_padded = pl.pallas_call(
         functools.partial(_input_grad_kernel, height=height, width=width, channels=channels, rows=padded_rows,
-                          block_c=block_c, front=front),
+                          block_c=block_c, front=front, interpret=interpret),
         out_shape=jax.ShapeDtypeStruct((batch * (height + 2) * (width + 2), channels), padded.dtype),
         grid=(batch * (height + 2), pl.cdiv(channels, block_c)),
         compiler_params=params, in_specs=[any_spec] * 2, out_specs=any_spec, interpret=interpret,

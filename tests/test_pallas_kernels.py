@@ -91,6 +91,21 @@ def test_glu_row_chunk_keeps_enough_programs():
     assert glu_conv.row_chunk(2, 64, 2, 45) == 8  # 2 x 8 x 2 x 45 = 1440
 
 
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_compiled_glu_kernels_lower_for_cuda_with_fused_multiply_adds(dtype):
+    """The compiled (not interpreted) forward and backward lower for CUDA on any machine; their taps are PTX FMAs
+    and no SiLU goes through libdevice's expf (the Pallas lowering of jax.nn.sigmoid), which is what Nsight Compute
+    found in the sixth session's forward (RESULTS.md, seventh session)."""
+    b, h, w, f = 1, 3, 5, 80
+    args = [jax.ShapeDtypeStruct(s, dtype) for s in ((b, h, w, 2 * f), (2 * f,), (3, 3, 2 * f), (2 * f,))]
+    fused = lambda *a: glu_conv.silu_glu_dwconv_pallas(*a, False)  # noqa: E731
+    cotangent = jnp.zeros((b, h, w, f), dtype)
+    for name, fn in (("forward", fused), ("backward", lambda *a: jax.vjp(fused, *a)[1](cotangent))):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "fma.rn.f32" in text and "ex2.approx" in text, name
+        assert "__nv_expf" not in text, name
+
 @pytest.mark.parametrize("batch, tokens, heads, head_dim, dtype, packed", [
     (2, 70, 3, 32, jnp.float32, True),
     (1, 600, 2, 32, jnp.bfloat16, True),  # two 512-token splits, the second partial
