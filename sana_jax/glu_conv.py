@@ -194,13 +194,13 @@ def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, *, height: int, width: int
     def columns(half):
         return pl.ds(half * features + block * block_c, block_c)
 
-    def vector(ref, half, row=None):  # [C_blk] in ref's dtype: of a [2F] vector, or row `row` of a [9, 2F] table
+    def vector(ref, half, row=None):  # [C_blk] fp32: of a [2F] vector, or row `row` of a [9, 2F] table
         at = ref.at[columns(half)] if row is None else ref.at[jnp.int32(row), columns(half)]
-        return plgpu.load(at, mask=valid_c, other=0)
+        return plgpu.load(at, mask=valid_c, other=0).astype(jnp.float32)
 
-    pre_bias = [vector(yb_ref, half) for half in halves]  # activation dtype
-    taps = [[vector(k_ref, half, tap).astype(jnp.float32) for tap in range(9)] for half in halves]
-    bias = [vector(b_ref, half).astype(jnp.float32) for half in halves]
+    pre_bias = [vector(yb_ref, half) for half in halves]
+    taps = [[vector(k_ref, half, tap) for tap in range(9)] for half in halves]
+    bias = [vector(b_ref, half) for half in halves]
     # Input column j of the tile is image column w0 - 1 + j.
     in_columns = [((w0 - 1 + j >= 0) & (w0 - 1 + j < width), w0 - 1 + j) for j in range(tile_w + 2)]
 
@@ -221,8 +221,7 @@ def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, *, height: int, width: int
         for (col_inside, _), pair in zip(in_columns, loaded):
             silus = []
             for half, x in zip(halves, pair):
-                # A 16-bit sum of 16-bit inputs equals the fp32 sum rounded once (24 >= 2 * 11 + 2 bits).
-                z = (x.astype(jnp.float32) + pre_bias[half].astype(jnp.float32)).astype(dtype).astype(jnp.float32)
+                z = (x.astype(jnp.float32) + pre_bias[half]).astype(dtype).astype(jnp.float32)
                 s = (z * _sigmoid(z, interpret)).astype(dtype).astype(jnp.float32)
                 silus.append(jnp.where(row_inside & col_inside, s, 0.0))
             out.append(tuple(silus))

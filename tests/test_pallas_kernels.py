@@ -91,7 +91,6 @@ def test_glu_row_chunk_keeps_enough_programs():
     assert glu_conv.row_chunk(2, 64, 2, 45) == 8  # 2 x 8 x 2 x 45 = 1440
 
 
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_compiled_glu_kernels_lower_for_cuda_with_fused_multiply_adds(dtype):
     """The compiled (not interpreted) forward and backward lower for CUDA on any machine; their taps are PTX FMAs
@@ -105,6 +104,7 @@ def test_compiled_glu_kernels_lower_for_cuda_with_fused_multiply_adds(dtype):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "fma.rn.f32" in text and "ex2.approx" in text, name
         assert "__nv_expf" not in text, name
+
 
 @pytest.mark.parametrize("batch, tokens, heads, head_dim, dtype, packed", [
     (2, 70, 3, 32, jnp.float32, True),
