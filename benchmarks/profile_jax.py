@@ -3,7 +3,8 @@
 Runs the same programs as benchmarks/transformer.py (its `forward` / `train` set-up) under `jax.profiler.trace`
 with a Perfetto trace, then sums the device kernels by name. Prints one JSON line per kernel name among the top
 `--top` (total ms per call, share of device time, launches per call) and one line of totals by category
-(matmul libraries, fusions, copies, other), so a change can be predicted and checked against the breakdown.
+(matmul libraries, the model's Pallas kernels, fusions, copies, other), so a change can be predicted and checked
+against the breakdown.
 
 GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/profile_jax.py forward --model sana_600m --batch 32
 CPU:  python benchmarks/profile_jax.py forward --tiny   (host threads only; a smoke test of the plumbing)
@@ -24,7 +25,13 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+# The `name=` of the model's pallas_calls (sana_jax.glu_conv, sana_jax.linear_attention): their kernels keep it.
+PALLAS_KERNELS = ("silu_glu_dwconv", "glu_dwconv_bwd_total", "glu_dwconv_bwd_input", "litela_state", "litela_output")
+
+
 def category(name: str) -> str:
+    if name.startswith(PALLAS_KERNELS):
+        return "pallas"
     lowered = name.lower()
     if any(k in lowered for k in ("gemm", "cublas", "cutlass", "nvjet", "sm90_xmma", "matmul", "dot")):
         return "matmul"

@@ -111,6 +111,11 @@ def _output_kernel(q_ref, h_ref, z_ref, o_ref, *, tokens, heads, head_dim, q_col
 
 
 def _pallas_forward(q_src, k_src, v_src, columns, heads, head_dim, eps, interpret):
+    from jax.experimental.pallas import triton as plgpu
+
+    # Triton's defaults (4 warps), named: without compiler params Pallas picks its GPU backend from the
+    # jax_pallas_use_mosaic_gpu flag, whose default differs between jax releases, and the kernels are Triton's.
+    params = None if interpret else plgpu.CompilerParams()
     batch, tokens = q_src.shape[:2]
     width = _head_width(head_dim)
     splits = pl.cdiv(tokens, _TOKENS_PER_SPLIT)
@@ -122,7 +127,7 @@ def _pallas_forward(q_src, k_src, v_src, columns, heads, head_dim, eps, interpre
         out_shape=(jax.ShapeDtypeStruct((splits * batch * heads * width, width), jnp.float32),
                    jax.ShapeDtypeStruct((splits * batch * heads, width), jnp.float32)),
         grid=(splits, batch * heads), in_specs=[any_spec] * 2, out_specs=(any_spec, any_spec),
-        interpret=interpret, name="litela_state",
+        compiler_params=params, interpret=interpret, name="litela_state",
     )(flat[1], flat[2])
     h = h.reshape(splits, batch * heads * width, width).sum(0)  # fixed order over splits
     z = z.reshape(splits, batch * heads, width).sum(0)
@@ -130,7 +135,7 @@ def _pallas_forward(q_src, k_src, v_src, columns, heads, head_dim, eps, interpre
         functools.partial(_output_kernel, tokens=tokens, heads=heads, head_dim=head_dim, q_col=q_col, eps=eps),
         out_shape=jax.ShapeDtypeStruct((batch * tokens, heads * head_dim), v_src.dtype),
         grid=(pl.cdiv(tokens, _TOKENS_PER_STEP), batch * heads), in_specs=[any_spec] * 3, out_specs=any_spec,
-        interpret=interpret, name="litela_output",
+        compiler_params=params, interpret=interpret, name="litela_output",
     )(flat[0], h, z)
     return out.reshape(batch, tokens, heads * head_dim)
 

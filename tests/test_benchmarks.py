@@ -48,3 +48,30 @@ def test_profile_benchmark(mode):
     records = bench("profile_jax", mode, "--tiny", "--top", "3")
     assert records[-1]["summary"] and records[-1]["device_ms_per_call"] > 0
     assert len(records) == 4
+
+
+def test_profile_names_every_pallas_kernel_of_the_model():
+    """profile_jax's "pallas" category lists exactly the `name=` of the model's pallas_calls (lowered for CUDA)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.profile_jax import PALLAS_KERNELS
+    from sana_jax import glu_conv, linear_attention
+
+    glu_args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((1, 3, 5, 160), (160,), (3, 3, 160), (160,))]
+    glu = lambda *a: glu_conv.silu_glu_dwconv_pallas(*a, False)  # noqa: E731
+    cotangent = jnp.zeros((1, 3, 5, 80), jnp.bfloat16)
+    qkv = jax.ShapeDtypeStruct((1, 70, 3 * 64), jnp.bfloat16)
+
+    def litela(a):  # two heads of 32 channels from packed qkv columns
+        return linear_attention.relu_linear_attention_pallas(a, a, a, (0, 64, 128), 2, 32, 1e-8, False)
+
+    programs = [(glu, glu_args), (lambda *a: jax.vjp(glu, *a)[1](cotangent), glu_args),
+                (litela, [qkv]), (lambda a: jax.vjp(litela, a)[1](jnp.zeros((1, 70, 64), jnp.bfloat16)), [qkv])]
+    names = set()
+    for fn, args in programs:
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        names |= set(re.findall(r'name = "([^"]+)"', text))
+    assert names == set(PALLAS_KERNELS)
