@@ -114,7 +114,7 @@ def _pallas_forward(q_src, k_src, v_src, columns, heads, head_dim, eps, interpre
     from jax.experimental.pallas import triton as plgpu
 
     # Triton's defaults (4 warps), named: without compiler params Pallas picks its GPU backend from the
-    # jax_pallas_use_mosaic_gpu flag, whose default differs between jax releases, and the kernels are Triton's.
+    # jax_pallas_use_mosaic_gpu flag, True by default in jax 0.10, and Mosaic GPU cannot lower these Triton kernels.
     params = None if interpret else plgpu.CompilerParams()
     batch, tokens = q_src.shape[:2]
     width = _head_width(head_dim)
