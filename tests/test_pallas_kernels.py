@@ -94,8 +94,8 @@ def test_glu_row_chunk_keeps_enough_programs():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_compiled_glu_kernels_lower_for_cuda_with_fused_multiply_adds(dtype):
     """The compiled (not interpreted) forward and backward lower for CUDA on any machine; their taps are PTX FMAs
-    and no SiLU goes through libdevice's expf (the Pallas lowering of jax.nn.sigmoid), which is what Nsight Compute
-    found in the sixth session's forward (RESULTS.md, seventh session)."""
+    (Nsight Compute found none: Pallas does not contract a multiply and an add) and no SiLU goes through libdevice's
+    expf, as Pallas lowers jax.nn.sigmoid (RESULTS.md, seventh session)."""
     b, h, w, f = 1, 3, 5, 80
     args = [jax.ShapeDtypeStruct(s, dtype) for s in ((b, h, w, 2 * f), (2 * f,), (3, 3, 2 * f), (2 * f,))]
     fused = lambda *a: glu_conv.silu_glu_dwconv_pallas(*a, False)  # noqa: E731
