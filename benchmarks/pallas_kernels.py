@@ -4,7 +4,7 @@
           XLA sibling vs the fused Pallas kernel at every (columns, channel block, warps) of the sweep; `--sweep`
           off: the shipped setting only.
   glu_backward: its vjp alone (residuals given), XLA's autodiff of the sibling vs the Pallas op's backward;
-          with `--sweep`, glu_conv_backward_kernels: the two backward kernels alone at every tile of the sweep.
+          with `--sweep`, glu_conv_backward_kernels: the backward kernels at each tile of the sweep.
   litela: sana_jax.linear_attention from packed qkv, XLA sibling vs Pallas.
 One JSON object per line: op, shape, impl (and tile), median ms, GB/s of the bytes an ideal kernel moves (inputs
 read once, output written once), max|diff| / max|ref| against the XLA sibling.
@@ -79,15 +79,15 @@ def bench_glu(shape, args, interpret):
         ms = median_ms(lambda: fn(*inputs), jax.block_until_ready, args.warmup, args.iters)
         emit({"op": "glu_backward", "shape": list(shape), "impl": impl, **tile, "ms": round(ms, 4),
               "rel_diff": max(rel(a, b) for a, b in zip(grads_ref, grads))})
-    padded = jax.jit(glu_conv.silu_padded)(pre, pre_bias)
-    conv_grads_ref = jax.jit(lambda *a: jax.vjp(glu_conv.glu_dwconv_xla, *a)[1](cotangent))(padded, kernel, bias)
-    for block_c, warps in ([(c, warps) for c in (32, 64, 128) for warps in (2, 4, 8)] if args.sweep else []):
-        tile = dict(block_c=block_c, num_warps=warps)
-        fn = jax.jit(lambda p, k, b, tile=tile: glu_conv._pallas_backward(p, k, b, cotangent, interpret, **tile))
-        grads = fn(padded, kernel, bias)
-        ms = median_ms(lambda: fn(padded, kernel, bias), jax.block_until_ready, args.warmup, args.iters)
-        emit({"op": "glu_conv_backward_kernels", "shape": list(shape), "impl": "pallas", **tile, "ms": round(ms, 4),
-              "rel_diff": max(rel(a, b) for a, b in zip(conv_grads_ref, grads))})
+    # The backward kernels' tiles (columns, channels, warps), both kernels alike.
+    for tile_w, block_c, warps in ([(4, 64, 2), (8, 64, 2), (4, 128, 4), (8, 128, 4)] if args.sweep else []):
+        fn = jax.jit(lambda *a, tile=(tile_w, block_c, warps, None):
+                     glu_conv._pallas_backward(*a, cotangent, interpret, tile=tile))
+        grads = fn(*inputs)
+        ms = median_ms(lambda: fn(*inputs), jax.block_until_ready, args.warmup, args.iters)
+        emit({"op": "glu_conv_backward_kernels", "shape": list(shape), "impl": "pallas", "tile_w": tile_w,
+              "block_c": block_c, "num_warps": warps, "ms": round(ms, 4),
+              "rel_diff": max(rel(a, b) for a, b in zip(grads_ref, grads))})
 
 
 def bench_litela(shape, args, interpret):

@@ -19,10 +19,11 @@ Two implementations of the same function:
                            output goes to memory. Compiled, its SiLUs use two approximate PTX instructions
                            (`_sigmoid`, within 1e-5) and its taps PTX FMAs (`_multiply_add`); outputs equal the
                            sibling's at SANA's shapes on H100.
-                           Its backward (rows up to 32 pixels; XLA's vjp beyond) rebuilds `padded` with XLA and
-                           runs two kernels on it: one recomputes the convolution, writes the cotangent of its fp32
-                           output and per-row partial sums of the weight gradients; one applies the transposed
-                           convolution to that cotangent. `interpret=True` runs them on any backend (tests).
+                           Its backward (rows up to 32 pixels; XLA's vjp beyond) runs two kernels on the same
+                           column tiles (`_ColumnTile`): one recomputes the SiLU'd input and the convolution and
+                           writes the cotangent of the convolution's fp32 output and per-program sums of the weight
+                           gradients; one applies the transposed convolution to that cotangent and differentiates
+                           the SiLU and the bias add. `interpret=True` runs them on any backend (tests).
 """
 
 from __future__ import annotations
@@ -44,10 +45,9 @@ def forward_tile(width: int) -> tuple[int, int, int]:
     return min(8, width), 128, 4
 
 
-def backward_channel_block(width: int) -> int:
-    """The backward kernels' channels per program (4 warps), from the same sweep (--sweep): 64, fewer on rows
-    wider than 128 pixels, whose [row, channel] tiles would otherwise spill."""
-    return min(64, max(16, 8192 // pl.next_power_of_2(width)))
+def backward_tile(width: int) -> tuple[int, int, int, None]:
+    """The backward's first kernel's (columns, channels, warps, rows): the forward's tile (not swept yet)."""
+    return (*forward_tile(width), None)
 
 
 def _gate(dw_value, dw_gate, out_dtype, sigmoid=jax.nn.sigmoid):
@@ -85,49 +85,6 @@ def silu_glu_dwconv_xla(pre: jax.Array, pre_bias: jax.Array, kernel: jax.Array, 
     """pre [B, H, W, 2F] (inverted conv before its bias), pre_bias [2F], kernel [3, 3, 2F], bias [2F]
     -> [B, H, W, F] in pre's dtype."""
     return glu_dwconv_xla(silu_padded(pre, pre_bias), kernel, bias)
-
-
-class _RowTile:
-    """The tile of one program of the backward's first kernel (one output row (b, h) of one block of channels),
-    with its loads of the padded input. x_ref: padded rows [B*(H+2)*(W+2), 2F] (flat); k_ref [9, 2F]; b_ref [2F]
-    fp32."""
-
-    def __init__(self, x_ref, k_ref, b_ref, *, height: int, width: int, features: int, rows: int, block_c: int,
-                 interpret: bool):
-        self.x_ref, self.k_ref, self.b_ref, self.interpret = x_ref, k_ref, b_ref, interpret
-        self.height, self.width, self.features, self.rows, self.block_c = height, width, features, rows, block_c
-        self.row, self.block = pl.program_id(0), pl.program_id(1)
-        self.b, self.h = self.row // height, self.row % height
-        w = jnp.arange(rows)
-        self.valid_c = (self.block * block_c + jnp.arange(block_c)) < features
-        self.valid = (w < width)[:, None] & self.valid_c[None, :]  # [rows, C_blk]
-
-    def columns(self, half: int):
-        """This block's channels of the value (half 0) or gate (half 1) half."""
-        return pl.ds(half * self.features + self.block * self.block_c, self.block_c)
-
-    def tap(self, dy: int, dx: int, half: int):
-        """(input [rows, C_blk], weight [1, C_blk]) of tap (dy, dx), fp32: padded row h + dy from column dx."""
-        from jax.experimental.pallas import triton as plgpu
-
-        start = (self.b * (self.height + 2) + self.h + dy) * (self.width + 2) + dx  # flat row of (b, h + dy, dx)
-        x = plgpu.load(self.x_ref.at[pl.ds(start, self.rows), self.columns(half)], mask=self.valid, other=0)
-        k = plgpu.load(self.k_ref.at[pl.ds(dy * 3 + dx, 1), self.columns(half)], mask=self.valid_c[None, :],
-                       other=0)
-        return x.astype(jnp.float32), k.astype(jnp.float32)
-
-    def convolution(self):
-        """[dw_value, dw_gate]: the fp32 convolution outputs of this row (bias included), [rows, C_blk] each."""
-        from jax.experimental.pallas import triton as plgpu
-
-        dw = [plgpu.load(self.b_ref.at[self.columns(half)], mask=self.valid_c, other=0).astype(jnp.float32)[None, :]
-              + jnp.zeros((self.rows, self.block_c), jnp.float32) for half in range(2)]
-        for dy in range(3):
-            for dx in range(3):
-                for half in range(2):
-                    x, k = self.tap(dy, dx, half)
-                    dw[half] = _multiply_add(x, k, dw[half], self.interpret)
-        return dw
 
 
 def _triton_params(num_warps: int):
@@ -168,88 +125,134 @@ def _multiply_add(x, k, total, interpret: bool):
     return out
 
 
-def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, *, height: int, width: int, features: int, tile_w: int,
-                  block_c: int, row_chunk: int, width_tiles: int, interpret: bool):
-    """Program (image b, row chunk, column tile, channel block): output rows [h0, h0 + row_chunk) x columns
-    [w0, w0 + tile_w) x one block of channels of both halves.
-
-    y_ref: pre [B*H*W, 2F] (flat); yb_ref pre_bias [2F]; k_ref [9, 2F] (activation dtype); b_ref [2F] fp32;
-    o_ref [B*H*W, F]. Each pixel column is its own [C_blk] vector (a Python list over the tile_w + 2 input
-    columns), so the column shifts of the convolution pick list entries instead of reloading shifted tiles: every
-    input pixel is loaded and SiLU'd once per program (plus the two halo columns). Three SiLU'd input rows ride
-    down the image; output row r takes input rows r - 1, r, r + 1, its bias first and then its taps in (dy, dx)
-    order, as the XLA sibling sums them. Row r + 2's loads are issued before row r's arithmetic (carried).
-    """
-    from jax.experimental.pallas import triton as plgpu
-
-    chunks = pl.cdiv(height, row_chunk)
-    program, block = pl.program_id(0), pl.program_id(1)
-    b, rest = program // (chunks * width_tiles), program % (chunks * width_tiles)
-    h0, w0 = (rest // width_tiles) * row_chunk, (rest % width_tiles) * tile_w
-    h_end = jnp.minimum(h0 + row_chunk, height)
-    valid_c = (block * block_c + jnp.arange(block_c)) < features
-    dtype = y_ref.dtype
-    halves = (0, 1)
-
-    def columns(half):
-        return pl.ds(half * features + block * block_c, block_c)
-
-    def vector(ref, half, row=None):  # [C_blk] fp32: of a [2F] vector, or row `row` of a [9, 2F] table
-        at = ref.at[columns(half)] if row is None else ref.at[jnp.int32(row), columns(half)]
-        return plgpu.load(at, mask=valid_c, other=0).astype(jnp.float32)
-
-    pre_bias = [vector(yb_ref, half) for half in halves]
-    taps = [[vector(k_ref, half, tap) for tap in range(9)] for half in halves]
-    bias = [vector(b_ref, half) for half in halves]
-    # Input column j of the tile is image column w0 - 1 + j.
-    in_columns = [((w0 - 1 + j >= 0) & (w0 - 1 + j < width), w0 - 1 + j) for j in range(tile_w + 2)]
-
-    def pixel(r, col, inside):  # flat row of (b, r, col); 0 where outside (the access is masked there)
-        return jnp.where(inside, (b * height + r) * width + col, 0)
-
-    def load_row(r):
-        """pre of input row r: per input column, (value half, gate half) [C_blk] in the activation dtype."""
-        row_inside = (r >= 0) & (r < height)
-        return tuple(tuple(plgpu.load(y_ref.at[pixel(r, col, row_inside & col_inside), columns(half)],
-                                      mask=valid_c & (row_inside & col_inside), other=0) for half in halves)
-                     for col_inside, col in in_columns)
-
-    def silu_row(r, loaded):
-        """SiLU(pre + pre_bias) of input row r, each step rounded to the activation dtype, fp32, zero outside."""
-        row_inside = (r >= 0) & (r < height)
-        out = []
-        for (col_inside, _), pair in zip(in_columns, loaded):
-            silus = []
-            for half, x in zip(halves, pair):
-                z = (x.astype(jnp.float32) + pre_bias[half]).astype(dtype).astype(jnp.float32)
-                s = (z * _sigmoid(z, interpret)).astype(dtype).astype(jnp.float32)
-                silus.append(jnp.where(row_inside & col_inside, s, 0.0))
-            out.append(tuple(silus))
-        return tuple(out)
+def _walk_rows(h0, row_chunk: int, load_row, prepare_row, visit, acc):
+    """Carries three prepared rows down the image: `acc = visit(r, (row r - 1, row r, row r + 1), acc)` for rows
+    r in [h0, h0 + row_chunk); `prepare_row(r, load_row(r))` makes a row, and row r + 2's loads are issued before
+    row r's visit (carried). Returns the final acc."""
 
     def step(i, carry):
-        above, middle, loaded_below = carry  # SiLU'd input rows r - 1 and r, input row r + 1 as loaded
+        above, middle, loaded_below, acc = carry
         r = h0 + i
         loaded_next = load_row(r + 2)
-        below = silu_row(r + 1, loaded_below)
-        window = (above, middle, below)
-        for j in range(tile_w):
-            dw = []
-            for half in halves:
-                total = bias[half]
-                for dy in range(3):
-                    for dx in range(3):
-                        total = _multiply_add(window[dy][j + dx][half], taps[half][3 * dy + dx], total,
-                                              interpret)
-                dw.append(total)
-            col = w0 + j
-            inside = (col < width) & (r < h_end)
-            gated = _gate(dw[0], dw[1], o_ref.dtype, lambda z: _sigmoid(z, interpret))
-            plgpu.store(o_ref.at[pixel(r, col, inside), columns(0)], gated, mask=valid_c & inside)
-        return middle, below, loaded_next
+        below = prepare_row(r + 1, loaded_below)
+        return middle, below, loaded_next, visit(r, (above, middle, below), acc)
 
-    first = (silu_row(h0 - 1, load_row(h0 - 1)), silu_row(h0, load_row(h0)), load_row(h0 + 1))
-    jax.lax.fori_loop(0, row_chunk, step, first)
+    first = (prepare_row(h0 - 1, load_row(h0 - 1)), prepare_row(h0, load_row(h0)), load_row(h0 + 1), acc)
+    return jax.lax.fori_loop(0, row_chunk, step, first)[3]
+
+
+class _ColumnTile:
+    """One program of the column-unrolled kernels: (image b, chunk of rows, tile of up to `tile_w` columns) x one
+    block of channels of both halves; output rows [h0, h0 + row_chunk) x columns [w0, w0 + tile_w).
+
+    Each pixel column is its own [C_blk] vector (a Python list over the tile_w + 2 input columns), so the column
+    shifts of the convolution pick list entries instead of reloading shifted tiles: every input pixel is loaded and
+    SiLU'd once per program (plus the two halo columns). Three SiLU'd input rows ride down the image; output row r
+    takes input rows r - 1, r, r + 1, its bias first and then its taps in (dy, dx) order, as the XLA sibling sums
+    them. Row r + 2's loads are issued before row r's arithmetic (carried).
+
+    Refs: y_ref pre [B*H*W, 2F] (flat); yb_ref pre_bias [2F]; k_ref [9, 2F] (activation dtype); b_ref [2F] fp32.
+    """
+
+    def __init__(self, *, height: int, width: int, features: int, tile_w: int, block_c: int, row_chunk: int,
+                 width_tiles: int, interpret: bool):
+        self.height, self.width, self.features, self.tile_w = height, width, features, tile_w
+        self.block_c, self.row_chunk, self.interpret = block_c, row_chunk, interpret
+        chunks = pl.cdiv(height, row_chunk)
+        self.program, self.block = pl.program_id(0), pl.program_id(1)
+        self.b, rest = self.program // (chunks * width_tiles), self.program % (chunks * width_tiles)
+        self.h0, self.w0 = (rest // width_tiles) * row_chunk, (rest % width_tiles) * tile_w
+        self.h_end = jnp.minimum(self.h0 + row_chunk, height)
+        self.valid_c = (self.block * block_c + jnp.arange(block_c)) < features
+        # Input column j of the tile is image column w0 - 1 + j.
+        self.in_columns = [((self.w0 - 1 + j >= 0) & (self.w0 - 1 + j < width), self.w0 - 1 + j)
+                           for j in range(tile_w + 2)]
+
+    def columns(self, half: int):
+        """This block's channels of the value (half 0) or gate (half 1) half."""
+        return pl.ds(half * self.features + self.block * self.block_c, self.block_c)
+
+    def pixel(self, r, col, inside):
+        """Flat row of (b, r, col); 0 where outside (the access is masked there)."""
+        return jnp.where(inside, (self.b * self.height + r) * self.width + col, 0)
+
+    def vector(self, ref, half: int, row=None):
+        """[C_blk] fp32: of a [2F] vector, or row `row` of a [9, 2F] table."""
+        from jax.experimental.pallas import triton as plgpu
+
+        at = ref.at[self.columns(half)] if row is None else ref.at[jnp.int32(row), self.columns(half)]
+        return plgpu.load(at, mask=self.valid_c, other=0).astype(jnp.float32)
+
+    def sigmoid(self, z):
+        return _sigmoid(z, self.interpret)
+
+    def load_row(self, ref, r, half: int):
+        """Image row r of a [B*H*W, ...] ref, one [C_blk] vector per input column (tile_w + 2 of them), in ref's
+        dtype, zero outside the image."""
+        from jax.experimental.pallas import triton as plgpu
+
+        row_inside = (r >= 0) & (r < self.height)
+        return tuple(plgpu.load(ref.at[self.pixel(r, col, row_inside & col_inside), self.columns(half)],
+                                mask=self.valid_c & (row_inside & col_inside), other=0)
+                     for col_inside, col in self.in_columns)
+
+    def walk(self, y_ref, yb_ref, k_ref, b_ref, epilogue, acc):
+        """Runs `acc = epilogue(at, inside, inputs, dw, acc)` on every output pixel of the program, in order: `at`
+        its flat row, `inside` whether it is in the image, `inputs[dy][dx]` (value, gate) its nine SiLU'd inputs,
+        `dw` (value, gate) its fp32 convolution outputs (bias included), all [C_blk]. Returns the final acc."""
+        dtype, halves = y_ref.dtype, (0, 1)
+        pre_bias = [self.vector(yb_ref, half) for half in halves]
+        taps = [[self.vector(k_ref, half, tap) for tap in range(9)] for half in halves]
+        bias = [self.vector(b_ref, half) for half in halves]
+
+        def load_row(r):
+            """pre of input row r: per input column, (value half, gate half) [C_blk] in the activation dtype."""
+            return tuple(zip(*(self.load_row(y_ref, r, half) for half in halves)))
+
+        def silu_row(r, loaded):
+            """SiLU(pre + pre_bias) of input row r, each step rounded to the activation dtype, fp32, zero outside."""
+            row_inside = (r >= 0) & (r < self.height)
+            out = []
+            for (col_inside, _), pair in zip(self.in_columns, loaded):
+                silus = []
+                for half, x in zip(halves, pair):
+                    z = (x.astype(jnp.float32) + pre_bias[half]).astype(dtype).astype(jnp.float32)
+                    s = (z * self.sigmoid(z)).astype(dtype).astype(jnp.float32)
+                    silus.append(jnp.where(row_inside & col_inside, s, 0.0))
+                out.append(tuple(silus))
+            return tuple(out)
+
+        def visit(r, window, acc):  # window: SiLU'd input rows r - 1, r, r + 1
+            for j in range(self.tile_w):
+                inputs = tuple(tuple(window[dy][j + dx] for dx in range(3)) for dy in range(3))
+                dw = []
+                for half in halves:
+                    total = bias[half]
+                    for dy in range(3):
+                        for dx in range(3):
+                            total = _multiply_add(inputs[dy][dx][half], taps[half][3 * dy + dx], total,
+                                                  self.interpret)
+                    dw.append(total)
+                col = self.w0 + j
+                inside = (col < self.width) & (r < self.h_end)
+                acc = epilogue(self.pixel(r, col, inside), inside, inputs, dw, acc)
+            return acc
+
+        return _walk_rows(self.h0, self.row_chunk, load_row, silu_row, visit, acc)
+
+
+def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, **shape):
+    """The forward on one `_ColumnTile`: o_ref [B*H*W, F] = value * SiLU(gate) of each output pixel."""
+    from jax.experimental.pallas import triton as plgpu
+
+    tile = _ColumnTile(**shape)
+
+    def store(at, inside, inputs, dw, acc):
+        gated = _gate(dw[0], dw[1], o_ref.dtype, tile.sigmoid)
+        plgpu.store(o_ref.at[at, tile.columns(0)], gated, mask=tile.valid_c & inside)
+        return acc
+
+    tile.walk(y_ref, yb_ref, k_ref, b_ref, store, ())
 
 
 def row_chunk(batch: int, height: int, width_tiles: int, blocks: int, programs: int = 1024) -> int:
@@ -261,30 +264,41 @@ def row_chunk(batch: int, height: int, width_tiles: int, blocks: int, programs: 
     return chunk
 
 
+def _column_grid(image_shape, features: int, tile: tuple[int, int, int, int | None], interpret: bool):
+    """(kernel keyword arguments, grid, programs along grid axis 0, compiler params) of a `_ColumnTile` kernel over
+    images [B, H, W, ...] and `features` channels per half, with tile (columns, channels, warps, rows per program
+    or None: `row_chunk`)."""
+    batch, height, width = image_shape[:3]
+    tile_w, block_c, num_warps, rows = tile
+    width_tiles, blocks = pl.cdiv(width, tile_w), pl.cdiv(features, block_c)
+    rows = rows or row_chunk(batch, height, width_tiles, blocks)
+    programs = batch * pl.cdiv(height, rows) * width_tiles
+    shape = dict(height=height, width=width, features=features, tile_w=tile_w, block_c=block_c,
+                 row_chunk=rows, width_tiles=width_tiles, interpret=interpret)
+    return shape, (programs, blocks), programs, None if interpret else _triton_params(num_warps)
+
+
+def _column_inputs(pre, pre_bias, kernel, bias):
+    """The `_ColumnTile` refs: pre flat [B*H*W, 2F], pre_bias and taps [9, 2F] in pre's dtype, bias fp32."""
+    channels = pre.shape[-1]
+    return (pre.reshape(-1, channels), pre_bias.astype(pre.dtype), kernel.reshape(9, channels).astype(pre.dtype),
+            bias.astype(jnp.float32))
+
+
 def _fused_forward(pre, pre_bias, kernel, bias, interpret: bool, tile_w: int | None = None,
                    block_c: int | None = None, num_warps: int | None = None, rows: int | None = None):
     batch, height, width, channels = pre.shape
-    features = channels // 2
     default_w, default_c, default_warps = forward_tile(width)
-    tile_w, block_c, num_warps = tile_w or default_w, block_c or default_c, num_warps or default_warps
-    width_tiles, blocks = pl.cdiv(width, tile_w), pl.cdiv(features, block_c)
-    rows = rows or row_chunk(batch, height, width_tiles, blocks)
-    flat = pre.reshape(-1, channels)
-    call = pl.pallas_call(
-        functools.partial(_fused_kernel, height=height, width=width, features=features, tile_w=tile_w,
-                          block_c=block_c, row_chunk=rows, width_tiles=width_tiles,
-                          interpret=interpret),
-        out_shape=jax.ShapeDtypeStruct((batch * height * width, features), pre.dtype),
-        grid=(batch * pl.cdiv(height, rows) * width_tiles, blocks),
-        compiler_params=None if interpret else _triton_params(num_warps),
-        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 4,
-        out_specs=pl.BlockSpec(memory_space=pl.ANY),
-        interpret=interpret,
+    tile = (tile_w or default_w, block_c or default_c, num_warps or default_warps, rows)
+    shape, grid, _, params = _column_grid(pre.shape, channels // 2, tile, interpret)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    out = pl.pallas_call(
+        functools.partial(_fused_kernel, **shape),
+        out_shape=jax.ShapeDtypeStruct((batch * height * width, channels // 2), pre.dtype),
+        grid=grid, compiler_params=params, in_specs=[any_spec] * 4, out_specs=any_spec, interpret=interpret,
         name="silu_glu_dwconv",
-    )
-    out = call(flat, pre_bias.astype(pre.dtype), kernel.reshape(9, channels).astype(pre.dtype),
-               bias.astype(jnp.float32))
-    return out.reshape(batch, height, width, features)
+    )(*_column_inputs(pre, pre_bias, kernel, bias))
+    return out.reshape(batch, height, width, channels // 2)
 
 
 def _gate_backward(dw_value, dw_gate, cotangent, dtype, sigmoid):
@@ -302,94 +316,109 @@ def _gate_backward(dw_value, dw_gate, cotangent, dtype, sigmoid):
     return d_value.astype(acc), d_gate.astype(acc)
 
 
-def _total_grad_kernel(x_ref, k_ref, b_ref, ct_ref, dt_ref, dk_ref, db_ref, **shape):
-    """Backward, part 1, per output row (b, h) and channel block (the forward's grid): recomputes the convolution,
-    writes the cotangent of its fp32 output `d_total` [B*H*W, 2F] (activation dtype: its values are exactly
-    representable there) and this row's partial sums of the kernel and bias gradients (dk_ref [B*H*9, 2F], db_ref
-    [B*H, 2F], fp32; summed over rows by the caller). ct_ref: the output's cotangent [B*H*W, F]."""
+def _total_grad_kernel(y_ref, yb_ref, k_ref, b_ref, ct_ref, dt_ref, dk_ref, db_ref, **shape):
+    """Backward, part 1, on the forward's `_ColumnTile`s: recomputes the SiLU'd input and the convolution, writes
+    the cotangent of its fp32 output `d_total` [B*H*W, 2F] (activation dtype: its values are exactly representable
+    there) and this program's sums of the kernel and bias gradients (dk_ref [programs*9, 2F], db_ref [programs, 2F],
+    fp32; summed over programs by the caller), held per thread in registers while the program walks its pixels (no
+    reduction across threads). ct_ref: the output's cotangent [B*H*W, F]."""
     from jax.experimental.pallas import triton as plgpu
 
-    tile = _RowTile(x_ref, k_ref, b_ref, **shape)
-    dw_value, dw_gate = tile.convolution()
-    out_rows = pl.ds(tile.row * tile.width, tile.rows)
-    cotangent = plgpu.load(ct_ref.at[out_rows, tile.columns(0)], mask=tile.valid, other=0)
-    d_total = _gate_backward(dw_value, dw_gate, cotangent.astype(jnp.float32), x_ref.dtype,
-                             lambda z: _sigmoid(z, tile.interpret))
-    one_row = tile.valid_c[None, :]
-    for half in range(2):
-        d = jnp.where(tile.valid, d_total[half], 0.0)
-        plgpu.store(dt_ref.at[out_rows, tile.columns(half)], d.astype(dt_ref.dtype), mask=tile.valid)
-        plgpu.store(db_ref.at[pl.ds(tile.row, 1), tile.columns(half)], jnp.sum(d, axis=0)[None, :], mask=one_row)
-        for dy in range(3):
-            for dx in range(3):
-                x, _ = tile.tap(dy, dx, half)  # reloaded (cache-resident) rather than kept in registers
-                plgpu.store(dk_ref.at[pl.ds(tile.row * 9 + dy * 3 + dx, 1), tile.columns(half)],
-                            jnp.sum(x * d, axis=0)[None, :], mask=one_row)
+    tile = _ColumnTile(**shape)
+    halves = (0, 1)
+
+    def accumulate(at, inside, inputs, dw, acc):
+        dk, db = acc
+        mask = tile.valid_c & inside
+        cotangent = plgpu.load(ct_ref.at[at, tile.columns(0)], mask=mask, other=0).astype(jnp.float32)
+        d_total = _gate_backward(dw[0], dw[1], cotangent, y_ref.dtype, tile.sigmoid)
+        new_dk, new_db = [], []
+        for half in halves:
+            d = jnp.where(inside, d_total[half], 0.0)
+            plgpu.store(dt_ref.at[at, tile.columns(half)], d.astype(dt_ref.dtype), mask=mask)
+            new_db.append(db[half] + d)
+            new_dk.append(tuple(_multiply_add(inputs[t // 3][t % 3][half], d, dk[half][t], tile.interpret)
+                                for t in range(9)))
+        return tuple(new_dk), tuple(new_db)
+
+    zero = jnp.zeros((tile.block_c,), jnp.float32)
+    dk, db = tile.walk(y_ref, yb_ref, k_ref, b_ref, accumulate, (((zero,) * 9,) * 2, (zero,) * 2))
+    for half in halves:
+        plgpu.store(db_ref.at[tile.program, tile.columns(half)], db[half], mask=tile.valid_c)
+        for t in range(9):
+            plgpu.store(dk_ref.at[tile.program * 9 + t, tile.columns(half)], dk[half][t], mask=tile.valid_c)
 
 
-def _input_grad_kernel(dt_ref, k_ref, dx_ref, *, height: int, width: int, channels: int, rows: int,
-                       block_c: int, front: int, interpret: bool):
-    """Backward, part 2, per padded row (b, q) and channel block of all 2F channels: the transposed convolution
-    d_padded[q, p] = sum over taps of d_total[q - dy, p - dx] * kernel[dy, dx] (zero outside the image).
-    dt_ref: [front + B*H*W, 2F] (`front` leading pad rows, see _pallas_backward); dx_ref: [B*(H+2)*(W+2), 2F]."""
+def _input_grad_kernel(dt_ref, y_ref, yb_ref, k_ref, dy_ref, dyb_ref, **shape):
+    """Backward, part 2, on `_ColumnTile`s over all 2F channels (features = 2F, one half): the transposed
+    convolution of d_total (dt_ref [B*H*W, 2F]) at each pixel, rounded to the activation dtype (the cotangent of
+    the padded SiLU activation), then the SiLU's and the bias add's backward, rounded as XLA's vjp of `silu_padded`
+    rounds: dy_ref [B*H*W, 2F] the cotangent of pre, dyb_ref [programs, 2F] this program's fp32 sum of it (the
+    pre_bias gradient, summed over programs by the caller). y_ref: pre [B*H*W, 2F]; yb_ref pre_bias [2F]; k_ref
+    [9, 2F], in the activation dtype."""
     from jax.experimental.pallas import triton as plgpu
 
-    row, block = pl.program_id(0), pl.program_id(1)
-    b, q = row // (height + 2), row % (height + 2)
-    p = jnp.arange(rows)
-    c = block * block_c + jnp.arange(block_c)
-    valid_c = c < channels
-    acc = jnp.float32
-    total = jnp.zeros((rows, block_c), acc)
-    for dy in range(3):
-        src = q - dy  # d_total row feeding this padded row through kernel row dy
-        for dx in range(3):
-            col = p - dx
-            mask = ((src >= 0) & (src < height) & (col >= 0) & (col < width))[:, None] & valid_c[None, :]
-            start = front + (b * height + src) * width - dx  # flat d_total row of pixel (b, src, -dx)
-            d = plgpu.load(dt_ref.at[pl.ds(start, rows), pl.ds(block * block_c, block_c)], mask=mask, other=0)
-            k = plgpu.load(k_ref.at[pl.ds(dy * 3 + dx, 1), pl.ds(block * block_c, block_c)],
-                           mask=valid_c[None, :], other=0)
-            total = _multiply_add(d.astype(acc), k.astype(acc), total, interpret)
-    plgpu.store(dx_ref.at[pl.ds(row * (width + 2), rows), pl.ds(block * block_c, block_c)],
-                total.astype(dx_ref.dtype), mask=(p < width + 2)[:, None] & valid_c[None, :])
+    tile = _ColumnTile(**shape)
+    dtype = y_ref.dtype
+    taps = [tile.vector(k_ref, 0, tap) for tap in range(9)]
+    pre_bias = tile.vector(yb_ref, 0)
+
+    def prepare_row(r, loaded):  # d_total of image row r per input column, fp32 (the loads are zero outside)
+        return tuple(x.astype(jnp.float32) for x in loaded)
+
+    def visit(r, window, acc):  # window: d_total rows r - 1, r, r + 1
+        for j in range(tile.tile_w):
+            # d_padded[r + 1, c + 1] = sum over taps of d_total[r + 1 - dy, c + 1 - dx] * kernel[dy, dx]
+            total = jnp.zeros((tile.block_c,), jnp.float32)
+            for dy in range(3):
+                for dx in range(3):
+                    total = _multiply_add(window[2 - dy][j + 2 - dx], taps[3 * dy + dx], total, tile.interpret)
+            col = tile.w0 + j
+            inside = (col < tile.width) & (r < tile.h_end)
+            at, mask = tile.pixel(r, col, inside), tile.valid_c & inside
+            pre = plgpu.load(y_ref.at[at, tile.columns(0)], mask=mask, other=0).astype(jnp.float32)
+            z = (pre + pre_bias).astype(dtype).astype(jnp.float32)
+            sig = tile.sigmoid(z)
+            d_silu = total.astype(dtype).astype(jnp.float32)
+            d_pre = (d_silu * sig + d_silu * z * (1.0 - sig) * sig).astype(dtype)
+            plgpu.store(dy_ref.at[at, tile.columns(0)], d_pre, mask=mask)
+            acc = acc + jnp.where(inside, d_pre.astype(jnp.float32), 0.0)
+        return acc
+
+    load_row = functools.partial(tile.load_row, dt_ref, half=0)
+    d_pre_bias = _walk_rows(tile.h0, tile.row_chunk, load_row, prepare_row, visit,
+                            jnp.zeros((tile.block_c,), jnp.float32))
+    plgpu.store(dyb_ref.at[tile.program, tile.columns(0)], d_pre_bias, mask=tile.valid_c)
 
 
-def _pallas_backward(padded, kernel, bias, cotangent, interpret: bool, block_c: int | None = None,
-                     num_warps: int | None = None):
-    """(d_padded, d_kernel, d_bias) of `glu_dwconv_xla`, by the two kernels above plus two small row sums."""
-    batch, height, width, channels = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2, padded.shape[3]
-    features = channels // 2
-    rows = pl.next_power_of_2(width)
-    block_c = block_c or backward_channel_block(width)
-    params = None if interpret else _triton_params(num_warps or 4)
-    taps = kernel.reshape(9, channels).astype(padded.dtype)
+def _pallas_backward(pre, pre_bias, kernel, bias, cotangent, interpret: bool, tile: tuple | None = None):
+    """(d_pre, d_pre_bias, d_kernel, d_bias) of `silu_glu_dwconv_xla`, by the two kernels above plus four small
+    sums over programs. tile: both kernels' (columns, channels, warps, rows or None); default `backward_tile`."""
+    batch, height, width, channels = pre.shape
+    tile = tile or backward_tile(width)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    inputs = _column_inputs(pre, pre_bias, kernel, bias)
+    shape, grid, programs, params = _column_grid(pre.shape, channels // 2, tile, interpret)
     d_total, dk_rows, db_rows = pl.pallas_call(
-        functools.partial(_total_grad_kernel, height=height, width=width, features=features, rows=rows,
-                          block_c=block_c, interpret=interpret),
-        out_shape=(jax.ShapeDtypeStruct((batch * height * width, channels), padded.dtype),
-                   jax.ShapeDtypeStruct((batch * height * 9, channels), jnp.float32),
-                   jax.ShapeDtypeStruct((batch * height, channels), jnp.float32)),
-        grid=(batch * height, pl.cdiv(features, block_c)),
-        compiler_params=params, in_specs=[any_spec] * 4, out_specs=(any_spec,) * 3, interpret=interpret,
+        functools.partial(_total_grad_kernel, **shape),
+        out_shape=(jax.ShapeDtypeStruct((batch * height * width, channels), pre.dtype),
+                   jax.ShapeDtypeStruct((programs * 9, channels), jnp.float32),
+                   jax.ShapeDtypeStruct((programs, channels), jnp.float32)),
+        grid=grid, compiler_params=params, in_specs=[any_spec] * 5, out_specs=(any_spec,) * 3, interpret=interpret,
         name="glu_dwconv_bwd_total",
-    )(padded.reshape(-1, channels), taps, bias.astype(jnp.float32), cotangent.reshape(-1, features))
-    # Loads of d_total row 0 shifted right start before the array: masked pointer offsets on the GPU, but the
-    # interpreter clamps a slice's start into the array (shifting the tile), so there d_total gets 2 leading rows.
-    front = 2 if interpret else 0
-    d_total = jnp.pad(d_total, ((front, 0), (0, 0))) if front else d_total
-    padded_rows = pl.next_power_of_2(width + 2)
-    d_padded = pl.pallas_call(
-        functools.partial(_input_grad_kernel, height=height, width=width, channels=channels, rows=padded_rows,
-                          block_c=block_c, front=front, interpret=interpret),
-        out_shape=jax.ShapeDtypeStruct((batch * (height + 2) * (width + 2), channels), padded.dtype),
-        grid=(batch * (height + 2), pl.cdiv(channels, block_c)),
-        compiler_params=params, in_specs=[any_spec] * 2, out_specs=any_spec, interpret=interpret,
+    )(*inputs, cotangent.reshape(-1, channels // 2))
+    shape, grid, programs_2f, params = _column_grid(pre.shape, channels, tile, interpret)
+    d_pre, dpb_rows = pl.pallas_call(
+        functools.partial(_input_grad_kernel, **shape),
+        out_shape=(jax.ShapeDtypeStruct((batch * height * width, channels), pre.dtype),
+                   jax.ShapeDtypeStruct((programs_2f, channels), jnp.float32)),
+        grid=grid, compiler_params=params, in_specs=[any_spec] * 4, out_specs=(any_spec,) * 2, interpret=interpret,
         name="glu_dwconv_bwd_input",
-    )(d_total, taps)
-    d_kernel = jnp.sum(dk_rows.reshape(batch * height, 3, 3, channels), axis=0)
-    return (d_padded.reshape(padded.shape), d_kernel.astype(kernel.dtype),
+    )(d_total, *inputs[:3])
+    d_kernel = jnp.sum(dk_rows.reshape(programs, 3, 3, channels), axis=0)
+    # Rounded to the activation dtype first, as add_bias's backward rounds the sum.
+    d_pre_bias = jnp.sum(dpb_rows, axis=0).astype(pre.dtype).astype(pre_bias.dtype)
+    return (d_pre.reshape(pre.shape), d_pre_bias, d_kernel.astype(kernel.dtype),
             jnp.sum(db_rows, axis=0).astype(bias.dtype))
 
 
@@ -411,14 +440,12 @@ PALLAS_BACKWARD_MAX_WIDTH = 32
 
 
 def _fused_bwd(interpret, residuals, cotangent):
-    """XLA rebuilds `padded` (and differentiates that step); the convolution and gating take the kernels."""
+    """The kernels recompute the SiLU'd input, the convolution and the gating, and differentiate all of it. Rows
+    wider than PALLAS_BACKWARD_MAX_WIDTH: XLA's vjp of the sibling."""
     pre, pre_bias, kernel, bias = residuals
-    padded, silu_vjp = jax.vjp(silu_padded, pre, pre_bias)
     if pre.shape[2] > PALLAS_BACKWARD_MAX_WIDTH:
-        d_padded, d_kernel, d_bias = jax.vjp(glu_dwconv_xla, padded, kernel, bias)[1](cotangent)
-    else:
-        d_padded, d_kernel, d_bias = _pallas_backward(padded, kernel, bias, cotangent, interpret)
-    return (*silu_vjp(d_padded), d_kernel, d_bias)
+        return jax.vjp(silu_glu_dwconv_xla, pre, pre_bias, kernel, bias)[1](cotangent)
+    return _pallas_backward(pre, pre_bias, kernel, bias, cotangent, interpret)
 
 
 silu_glu_dwconv_pallas.defvjp(_fused_fwd, _fused_bwd)

@@ -75,14 +75,22 @@ def test_glu_kernel_matches_xla_sibling(shape, dtype):
 
 
 # Several programs per image: row chunks (the last one partial) and column tiles (the last one partial), as the
-# forward takes at batch 1 and on rows wider than 8 pixels; a column tile wider than the image.
+# kernels take at batch 1 and on rows wider than 8 pixels; a column tile wider than the image. The backward's
+# weight gradients are then sums over several programs per image.
 @pytest.mark.parametrize("shape, tile_w, rows, block_c", [((2, 5, 7, 24), 3, 2, 16), ((1, 9, 3, 40), 2, 4, 32),
                                                             ((2, 4, 6, 32), 8, 3, 16)])
-def test_glu_forward_tiles_and_row_chunks_match_xla_sibling(shape, tile_w, rows, block_c):
+def test_glu_tiles_and_row_chunks_match_xla_sibling(shape, tile_w, rows, block_c):
     args = _case(shape, jnp.bfloat16, seed=3)
     ref = glu_conv.silu_glu_dwconv_xla(*args)
     out = glu_conv._fused_forward(*args, True, tile_w=tile_w, block_c=block_c, rows=rows)
-    assert_close(f"silu_glu_dwconv tiles {shape} {tile_w} {rows} {block_c}", ref, out, "litela_bf16")
+    label = f"silu_glu_dwconv tiles {shape} {tile_w} {rows} {block_c}"
+    assert_close(label, ref, out, "litela_bf16")
+    cotangent = jnp.asarray(np.random.default_rng(4).standard_normal(ref.shape), jnp.bfloat16)
+    grads_ref = jax.vjp(glu_conv.silu_glu_dwconv_xla, *args)[1](cotangent)
+    grads = glu_conv._pallas_backward(*args, cotangent, True, tile=(tile_w, block_c, 4, rows))
+    for name, g_ref, g in zip(("pre", "pre_bias", "kernel", "bias"), grads_ref, grads):
+        assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, name
+        assert_close(f"{label} d_{name}", g_ref, g, "litela_bf16")
 
 
 def test_glu_row_chunk_keeps_enough_programs():
