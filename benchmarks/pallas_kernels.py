@@ -94,10 +94,10 @@ def bench_litela(shape, args, interpret):
     b, n, heads, d = shape
     c = heads * d
     qkv = jnp.asarray(np.random.default_rng(0).standard_normal((b, n, 3 * c)), jnp.bfloat16)
-    spec = ((0, c, 2 * c), heads, d, 1e-8)
+    spec = (((0, 0), (0, c), (0, 2 * c)), heads, d, 1e-8)
     ideal_bytes = qkv.size * 2 + b * n * c * 2
-    xla = jax.jit(lambda a: linear_attention.relu_linear_attention_xla_packed(a, a, a, *spec))
-    pallas = jax.jit(lambda a: linear_attention.relu_linear_attention_pallas(a, a, a, *spec, interpret))
+    xla = jax.jit(lambda a: linear_attention.relu_linear_attention_xla_packed((a,), *spec))
+    pallas = jax.jit(lambda a: linear_attention.relu_linear_attention_pallas((a,), *spec, interpret))
     ref = xla(qkv)
     for impl, fn in (("xla", xla), ("pallas", pallas)):
         out = fn(qkv)

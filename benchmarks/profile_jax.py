@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 # The `name=` of the model's pallas_calls (sana_jax.glu_conv, sana_jax.linear_attention): their kernels keep it.
-PALLAS_KERNELS = ("silu_glu_dwconv", "glu_dwconv_bwd_total", "glu_dwconv_bwd_input", "litela_state", "litela_output")
+PALLAS_KERNELS = ("silu_glu_dwconv", "glu_dwconv_bwd_total", "glu_dwconv_bwd_input", "litela_state", "litela_output",
+                  "litela_query_grad", "litela_key_grad")
 
 
 def category(name: str) -> str:
@@ -69,9 +70,32 @@ def hlo_sources(hlo_dir: str) -> dict[str, str]:
     with open(max(dumps, key=os.path.getsize)) as f:
         for line in f:
             match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
-            if match:
-                sources.setdefault(match.group(1), match.group(2))
+            if match:  # kernels are named after their HLO instruction with "." -> "_"
+                sources.setdefault(match.group(1).replace(".", "_"), match.group(2))
     return sources
+
+
+def hlo_op(event: dict) -> str:
+    """The HLO instruction a device event ran: XLA's annotation when the trace has it (a cuBLAS kernel is named by
+    the library, its custom call by the annotation), else the kernel name (fusions are named after theirs). Inside
+    a CUDA graph the annotation names only the graph ("command_buffer_N"): profile with
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= to attribute the library kernels too."""
+    op = event.get("args", {}).get("hlo_op", "")
+    return event["name"] if not op or op.startswith("command_buffer") else op.replace(".", "_")
+
+
+def scope(op_name: str | None) -> str:
+    """Which pass and which part of the model an op belongs to, from its JAX op_name: "<pass> <part>" with pass
+    forward / backward / recompute (remat) and part attn / cross_attn / mlp / block (norms, modulation, residuals)
+    or "outside" (embedders, loss, optimizer)."""
+    if not op_name:
+        return "unattributed"
+    if "/while/" not in op_name:
+        return "outside"
+    step = "recompute" if "rematted_computation" in op_name else "backward" if "transpose(" in op_name else "forward"
+    part = re.search(r"blocks/(\w+)", op_name)
+    part = part.group(1) if part and part.group(1) in ("attn", "cross_attn", "mlp") else "block"
+    return f"{step} {part}"
 
 
 def main(argv=None) -> int:
@@ -112,14 +136,15 @@ def main(argv=None) -> int:
         for _ in range(args.calls):
             captured["sync"](captured["fn"]())
     events = device_events(trace_dir)
-    totals, counts = collections.Counter(), collections.Counter()
+    sources = hlo_sources(args.hlo_dir) if args.hlo_dir else {}
+    totals, counts, by_scope = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
         totals[e["name"]] += e["dur"] / 1e3 / args.calls
         counts[e["name"]] += 1 / args.calls
+        by_scope[scope(sources.get(hlo_op(e)))] += e["dur"] / 1e3 / args.calls
     device_ms = sum(totals.values())
     base = {"bench": "profile", **{k: case[k] for k in ("mode", "model", "size", "batch")},
             "device": jax.devices()[0].device_kind}
-    sources = hlo_sources(args.hlo_dir) if args.hlo_dir else {}
     for name, ms in totals.most_common(args.top):
         record = {**base, "kernel": name[:160], "ms": round(ms, 3), "share": round(ms / device_ms, 4),
                   "launches": round(counts[name], 1), "category": category(name)}
@@ -132,6 +157,8 @@ def main(argv=None) -> int:
     print(json.dumps({**base, "summary": True, "device_ms_per_call": round(device_ms, 3),
                       "kernels_per_call": round(sum(counts.values()), 1),
                       **{f"{k}_ms": round(v, 3) for k, v in by_category.most_common()}}))
+    if sources:  # device ms per call by pass and part of the model
+        print(json.dumps({**base, "by_scope": {k: round(v, 3) for k, v in by_scope.most_common()}}))
     return 0
 
 

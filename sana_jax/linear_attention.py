@@ -39,13 +39,16 @@ def relu_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, eps: float =
 
 # ------------------------------------------------------------------------------------------ Pallas (GPU) kernel
 #
-# Two passes, as the Triton kernels of the torch path (kernels/linear_attn/fused.py), reading q, k, v straight out
-# of the projection output (no split, transpose, fp32 copy or ones-padding in memory):
-#   state   grid (split of tokens, b*h):  h = sum relu(k)^T v [D, D],  z = sum relu(k) [D]   (fp32 partials)
-#   output  grid (block of tokens, b*h):  o = relu(q) h / (relu(q) . z + eps)
-# bf16 inputs: relu(k), v, relu(q) are exact in bf16, so bf16 x bf16 tensor-core products with fp32 accumulation
-# are the fp32 products; the fp32 state h is split exactly into three bf16 parts (8 + 8 + 8 significand bits) for
-# the output product. So both products are fp32-exact, as the XLA sibling's HIGHEST-precision fp32 einsums; only
+# Four kernels, as the Triton kernels of the torch path (kernels/linear_attn/fused.py; the maths of the backward is
+# in kernels/linear_attn/README.md), reading q, k, v straight out of their source arrays (no split, transpose, fp32
+# copy or ones-padding in memory):
+#   state       grid (split of tokens, b*h):  h = sum relu(k)^T v [D, D],  z = sum relu(k) [D]   (fp32 partials)
+#   output      grid (block of tokens, b*h):  o = relu(q) h / (relu(q) . z + eps)
+#   query_grad  grid (split of tokens, b*h):  dq; partial dh, dz (fp32)                            (backward)
+#   key_grad    grid (block of tokens, b*h):  dk, dv                                               (backward)
+# bf16 inputs: relu(q), relu(k), v and the cotangent are exact in bf16, so bf16 x bf16 tensor-core products with
+# fp32 accumulation are the fp32 products, and an fp32 operand (h, dh, relu(q) / den) is split exactly into three
+# bf16 parts (`_dot`). So every product is fp32-exact, as the XLA sibling's HIGHEST-precision fp32 einsums; only
 # the order of the fp32 sums differs. Other dtypes run the products in fp32 (precision HIGHEST).
 
 _TOKENS_PER_STEP = 64  # rows of a [T, D] x [D, D] product per step (the torch kernels' measured best on H100)
@@ -57,24 +60,54 @@ def _head_width(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+def _split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """fp32 -> three bf16 parts (8 + 8 + 8 significand bits) whose fp32 sum is x."""
+    high = x.astype(jnp.bfloat16)
+    rest = x - high.astype(jnp.float32)
+    middle = rest.astype(jnp.bfloat16)
+    return high, middle, (rest - middle.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b in fp32 inside a kernel, as exact as fp32 products (only the order of the sums differs).
+
+    bf16 x bf16: one tensor-core product with fp32 accumulation (products of bf16 values are exact in fp32).
+    bf16 x fp32 either way round: the fp32 operand split into three bf16 parts, three tensor-core products.
+    Anything else (fp32 or fp16 models): fp32 at HIGHEST precision."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    if a.dtype == bf16 and b.dtype == bf16:
+        return jnp.dot(a, b, preferred_element_type=f32)
+    if a.dtype == bf16 and b.dtype == f32:
+        return sum(jnp.dot(a, part, preferred_element_type=f32) for part in _split_bf16(b))
+    if a.dtype == f32 and b.dtype == bf16:
+        return sum(jnp.dot(part, b, preferred_element_type=f32) for part in _split_bf16(a))
+    return jnp.dot(a.astype(f32), b.astype(f32), precision=_HIGHEST, preferred_element_type=f32)
+
+
+def _block(ref, b, t0, tokens, column, head_dim):
+    """The [_TOKENS_PER_STEP, width] block of one head's columns (from `column`) at tokens t0.. of image b of a
+    [B*N, W] ref, and its mask (tokens past N and columns past the head dim read as 0)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    width = _head_width(head_dim)
+    ok = ((t0 + jnp.arange(_TOKENS_PER_STEP)) < tokens)[:, None] & (jnp.arange(width) < head_dim)[None, :]
+    at = ref.at[pl.ds(b * tokens + t0, _TOKENS_PER_STEP), pl.ds(column, width)]
+    return at, ok, plgpu.load(at, mask=ok, other=0)
+
+
 def _state_kernel(k_ref, v_ref, h_ref, z_ref, *, tokens, heads, head_dim, k_col, v_col):
     from jax.experimental.pallas import triton as plgpu
 
     split, bh = pl.program_id(0), pl.program_id(1)
     b, head = bh // heads, bh % heads
     width = _head_width(head_dim)
-    cols_ok = (jnp.arange(width) < head_dim)[None, :]
 
     def step(i, carry):
         h, z = carry
         t0 = split * _TOKENS_PER_SPLIT + i * _TOKENS_PER_STEP
-        ok = ((t0 + jnp.arange(_TOKENS_PER_STEP)) < tokens)[:, None] & cols_ok
-        rows = pl.ds(b * tokens + t0, _TOKENS_PER_STEP)
-        k = plgpu.load(k_ref.at[rows, pl.ds(k_col + head * head_dim, width)], mask=ok, other=0)
-        v = plgpu.load(v_ref.at[rows, pl.ds(v_col + head * head_dim, width)], mask=ok, other=0)
-        k = jnp.maximum(k, 0)
-        precision = None if k.dtype == jnp.bfloat16 else jax.lax.Precision.HIGHEST
-        h = h + jnp.dot(k.T, v, precision=precision, preferred_element_type=jnp.float32)  # [width, width]
+        k = jnp.maximum(_block(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim)[2], 0)
+        v = _block(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)[2]
+        h = h + _dot(k.T, v)  # [width, width]
         z = z + jnp.sum(k.astype(jnp.float32), axis=0, keepdims=True)  # [1, width]
         return h, z
 
@@ -92,52 +125,151 @@ def _output_kernel(q_ref, h_ref, z_ref, o_ref, *, tokens, heads, head_dim, q_col
     b, head = bh // heads, bh % heads
     width = _head_width(head_dim)
     t0 = block * _TOKENS_PER_STEP
-    ok = ((t0 + jnp.arange(_TOKENS_PER_STEP)) < tokens)[:, None] & (jnp.arange(width) < head_dim)[None, :]
-    rows = pl.ds(b * tokens + t0, _TOKENS_PER_STEP)
-    q = jnp.maximum(plgpu.load(q_ref.at[rows, pl.ds(q_col + head * head_dim, width)], mask=ok, other=0), 0)
+    _, ok, q = _block(q_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
+    q = jnp.maximum(q, 0)
     h = plgpu.load(h_ref.at[pl.ds(bh * width, width), :])  # [width, width] fp32
     z = plgpu.load(z_ref.at[pl.ds(bh, 1), :])  # [1, width] fp32
-    if q.dtype == jnp.bfloat16:
-        high = h.astype(jnp.bfloat16)
-        rest = h - high.astype(jnp.float32)
-        middle = rest.astype(jnp.bfloat16)
-        low = (rest - middle.astype(jnp.float32)).astype(jnp.bfloat16)
-        num = sum(jnp.dot(q, part, preferred_element_type=jnp.float32) for part in (high, middle, low))
-    else:
-        num = jnp.dot(q.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32)
     den = jnp.sum(q.astype(jnp.float32) * z, axis=1, keepdims=True) + eps
-    plgpu.store(o_ref.at[rows, pl.ds(head * head_dim, width)], (num / den).astype(o_ref.dtype), mask=ok)
+    o_at = o_ref.at[pl.ds(b * tokens + t0, _TOKENS_PER_STEP), pl.ds(head * head_dim, width)]
+    plgpu.store(o_at, (_dot(q, h) / den).astype(o_ref.dtype), mask=ok)
 
 
-def _pallas_forward(q_src, k_src, v_src, columns, heads, head_dim, eps, interpret):
+def _query_grad_kernel(q_ref, g_ref, h_ref, z_ref, _, dq_ref, dh_ref, dz_ref, *, tokens, heads, head_dim, q_col,
+                       eps):
+    """dq of one head over a split of tokens (written into its columns of dq_ref, aliased to the input `_`), and
+    the split's partial dh = sum_n q^_n (g_n / den_n)^T, dz = sum_n c_n q^_n (kernels/linear_attn/README.md)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    split, bh = pl.program_id(0), pl.program_id(1)
+    b, head = bh // heads, bh % heads
+    width = _head_width(head_dim)
+    h = plgpu.load(h_ref.at[pl.ds(bh * width, width), :])  # [width, width] fp32
+    z = plgpu.load(z_ref.at[pl.ds(bh, 1), :])  # [1, width] fp32
+
+    def step(i, carry):
+        dh, dz = carry
+        t0 = split * _TOKENS_PER_SPLIT + i * _TOKENS_PER_STEP
+        _, _, q_in = _block(q_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
+        _, _, g = _block(g_ref, b, t0, tokens, head * head_dim, head_dim)
+        q = jnp.maximum(q_in, 0)
+        q32 = q.astype(jnp.float32)
+        den = jnp.sum(q32 * z, axis=1, keepdims=True) + eps  # [T, 1]
+        c = -jnp.sum(g.astype(jnp.float32) * (_dot(q, h) / den), axis=1, keepdims=True) / den  # d loss / d den
+        dq = _dot(g, h.T) / den + c * z  # g h^T / den = (g / den) h^T with g exact in bf16
+        dq_at, ok, _ = _block(dq_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
+        plgpu.store(dq_at, jnp.where(q_in > 0, dq, 0).astype(dq_ref.dtype), mask=ok)
+        dh = dh + _dot((q32 / den).T, g)  # a dead query (q^ = 0, den = eps) adds exactly 0
+        dz = dz + jnp.sum(q32 * c, axis=0, keepdims=True)
+        return dh, dz
+
+    init = (jnp.zeros((width, width), jnp.float32), jnp.zeros((1, width), jnp.float32))
+    dh, dz = jax.lax.fori_loop(0, _TOKENS_PER_SPLIT // _TOKENS_PER_STEP, step, init)
+    index = split * pl.num_programs(1) + bh
+    plgpu.store(dh_ref.at[pl.ds(index * width, width), :], dh)
+    plgpu.store(dz_ref.at[pl.ds(index, 1), :], dz)
+
+
+def _key_grad_kernel(k_ref, v_ref, dh_ref, dz_ref, *buffers, tokens, heads, head_dim, k_col, v_col, k_out, v_out):
+    """dk = (dh v + dz) [k > 0] and dv = dh^T relu(k) of one head on a block of tokens, written into their columns
+    of the gradient buffers (outputs aliased to the inputs; k_out, v_out: which buffer)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    block, bh = pl.program_id(0), pl.program_id(1)
+    b, head = bh // heads, bh % heads
+    width = _head_width(head_dim)
+    outs = buffers[len(buffers) // 2:]
+    t0 = block * _TOKENS_PER_STEP
+    _, _, k_in = _block(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim)
+    _, _, v = _block(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)
+    dh = plgpu.load(dh_ref.at[pl.ds(bh * width, width), :])  # [width, width] fp32
+    dz = plgpu.load(dz_ref.at[pl.ds(bh, 1), :])  # [1, width] fp32
+    dk = jnp.where(k_in > 0, _dot(v, dh.T) + dz, 0)
+    dv = _dot(jnp.maximum(k_in, 0), dh)
+    for out, column, value in ((outs[k_out], k_col, dk), (outs[v_out], v_col, dv)):
+        at, ok, _ = _block(out, b, t0, tokens, column + head * head_dim, head_dim)
+        plgpu.store(at, value.astype(out.dtype), mask=ok)
+
+
+def _compiler_params(interpret: bool):
     from jax.experimental.pallas import triton as plgpu
 
     # Triton's defaults (4 warps), named: without compiler params Pallas picks its GPU backend from the
     # jax_pallas_use_mosaic_gpu flag, True by default in jax 0.10, and Mosaic GPU cannot lower these Triton kernels.
-    params = None if interpret else plgpu.CompilerParams()
-    batch, tokens = q_src.shape[:2]
+    return None if interpret else plgpu.CompilerParams()
+
+
+def _flat(a: jax.Array) -> jax.Array:
+    return a.reshape(a.shape[0] * a.shape[1], a.shape[2])  # [B, N, W] -> [B*N, W]
+
+
+def _state(sources, layout, heads, head_dim, interpret):
+    """h = sum relu(k)^T v [B*H*width, width] and z = sum relu(k) [B*H, width], fp32, summed over the splits in a
+    fixed order."""
+    (k_slot, k_col), (v_slot, v_col) = layout[1:]
+    batch, tokens = sources[0].shape[:2]
     width = _head_width(head_dim)
     splits = pl.cdiv(tokens, _TOKENS_PER_SPLIT)
-    q_col, k_col, v_col = columns
-    flat = [a.reshape(batch * tokens, a.shape[-1]) for a in (q_src, k_src, v_src)]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     h, z = pl.pallas_call(
         functools.partial(_state_kernel, tokens=tokens, heads=heads, head_dim=head_dim, k_col=k_col, v_col=v_col),
         out_shape=(jax.ShapeDtypeStruct((splits * batch * heads * width, width), jnp.float32),
                    jax.ShapeDtypeStruct((splits * batch * heads, width), jnp.float32)),
         grid=(splits, batch * heads), in_specs=[any_spec] * 2, out_specs=(any_spec, any_spec),
-        compiler_params=params, interpret=interpret, name="litela_state",
-    )(flat[1], flat[2])
-    h = h.reshape(splits, batch * heads * width, width).sum(0)  # fixed order over splits
-    z = z.reshape(splits, batch * heads, width).sum(0)
+        compiler_params=_compiler_params(interpret), interpret=interpret, name="litela_state",
+    )(_flat(sources[k_slot]), _flat(sources[v_slot]))
+    return h.reshape(splits, -1, width).sum(0), z.reshape(splits, -1, width).sum(0)
+
+
+def _pallas_forward(sources, layout, heads, head_dim, eps, interpret):
+    """The state and output kernels: (out [B, N, H*D] in v's source dtype, the state (h, z))."""
+    (q_slot, q_col), _, (v_slot, _) = layout
+    batch, tokens = sources[0].shape[:2]
+    h, z = _state(sources, layout, heads, head_dim, interpret)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
         functools.partial(_output_kernel, tokens=tokens, heads=heads, head_dim=head_dim, q_col=q_col, eps=eps),
-        out_shape=jax.ShapeDtypeStruct((batch * tokens, heads * head_dim), v_src.dtype),
+        out_shape=jax.ShapeDtypeStruct((batch * tokens, heads * head_dim), sources[v_slot].dtype),
         grid=(pl.cdiv(tokens, _TOKENS_PER_STEP), batch * heads), in_specs=[any_spec] * 3, out_specs=any_spec,
-        compiler_params=params, interpret=interpret, name="litela_output",
-    )(flat[0], h, z)
-    return out.reshape(batch, tokens, heads * head_dim)
+        compiler_params=_compiler_params(interpret), interpret=interpret, name="litela_output",
+    )(_flat(sources[q_slot]), h, z)
+    return out.reshape(batch, tokens, heads * head_dim), (h, z)
+
+
+def _pallas_backward(sources, layout, heads, head_dim, eps, interpret, state, cotangent):
+    """The gradients of the sources, one buffer each, from the query_grad and key_grad kernels. A buffer's columns that are not q, k or v of any head stay 0; every other element is written exactly once, so
+    a source holding q, k and v (the qkv projection) gets its gradient without adding three [B, N, W] arrays."""
+    (q_slot, q_col), (k_slot, k_col), (v_slot, v_col) = layout
+    batch, tokens = sources[0].shape[:2]
+    width = _head_width(head_dim)
+    splits = pl.cdiv(tokens, _TOKENS_PER_SPLIT)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    params = _compiler_params(interpret)
+    grads = [_flat(jnp.zeros_like(src)) for src in sources]
+    h, z = state
+    grads[q_slot], dh, dz = pl.pallas_call(
+        functools.partial(_query_grad_kernel, tokens=tokens, heads=heads, head_dim=head_dim, q_col=q_col, eps=eps),
+        out_shape=(jax.ShapeDtypeStruct(grads[q_slot].shape, grads[q_slot].dtype),
+                   jax.ShapeDtypeStruct((splits * batch * heads * width, width), jnp.float32),
+                   jax.ShapeDtypeStruct((splits * batch * heads, width), jnp.float32)),
+        grid=(splits, batch * heads), in_specs=[any_spec] * 5, out_specs=(any_spec,) * 3,
+        input_output_aliases={4: 0}, compiler_params=params, interpret=interpret, name="litela_query_grad",
+    )(_flat(sources[q_slot]), _flat(cotangent).astype(sources[v_slot].dtype), h, z, grads[q_slot])
+    dh, dz = dh.reshape(splits, -1, width).sum(0), dz.reshape(splits, -1, width).sum(0)
+    slots = sorted({k_slot, v_slot})
+    updated = pl.pallas_call(
+        functools.partial(_key_grad_kernel, tokens=tokens, heads=heads, head_dim=head_dim, k_col=k_col, v_col=v_col,
+                          k_out=slots.index(k_slot), v_out=slots.index(v_slot)),
+        out_shape=tuple(jax.ShapeDtypeStruct(grads[s].shape, grads[s].dtype) for s in slots),
+        grid=(pl.cdiv(tokens, _TOKENS_PER_STEP), batch * heads), in_specs=[any_spec] * (4 + len(slots)),
+        out_specs=(any_spec,) * len(slots), input_output_aliases={4 + i: i for i in range(len(slots))},
+        compiler_params=params, interpret=interpret, name="litela_key_grad",
+    )(_flat(sources[k_slot]), _flat(sources[v_slot]), dh, dz, *(grads[s] for s in slots))
+    for s, grad in zip(slots, updated):
+        grads[s] = grad
+    return tuple(g.reshape(src.shape) for g, src in zip(grads, sources))
+
+
+Layout = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 def _heads(src: jax.Array, column: int, heads: int, head_dim: int) -> jax.Array:
@@ -145,32 +277,33 @@ def _heads(src: jax.Array, column: int, heads: int, head_dim: int) -> jax.Array:
     return src[..., column:column + heads * head_dim].reshape(*src.shape[:2], heads, head_dim)
 
 
-def relu_linear_attention_xla_packed(q_src, k_src, v_src, columns, heads, head_dim, eps):
-    """The XLA sibling of `relu_linear_attention_pallas`, same arguments: [B, N, H*D] out in v_src's dtype."""
-    q, k, v = (_heads(a, col, heads, head_dim) for a, col in zip((q_src, k_src, v_src), columns))
+def relu_linear_attention_xla_packed(sources: tuple[jax.Array, ...], layout: Layout, heads: int, head_dim: int,
+                                     eps: float):
+    """The XLA sibling of `relu_linear_attention_pallas`, same arguments: [B, N, H*D] out in v's source dtype."""
+    q, k, v = (_heads(sources[slot], column, heads, head_dim) for slot, column in layout)
     out = relu_linear_attention(q, k, v, eps)
     return out.reshape(*out.shape[:2], heads * head_dim)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def relu_linear_attention_pallas(q_src, k_src, v_src, columns: tuple[int, int, int], heads: int, head_dim: int,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def relu_linear_attention_pallas(sources: tuple[jax.Array, ...], layout: Layout, heads: int, head_dim: int,
                                  eps: float = 1e-8, interpret: bool = False):
-    """LiteLA on q, k, v held as column blocks of [B, N, W] arrays (e.g. all three in the qkv projection output:
-    columns (0, C, 2C)): head h of q is q_src[..., columns[0] + h*D : + D]. Returns [B, N, H*D] in v_src's dtype.
-    Same function as `relu_linear_attention`; its backward is that op's (recomputed from the inputs)."""
-    return _pallas_forward(q_src, k_src, v_src, columns, heads, head_dim, eps, interpret)
+    """LiteLA on q, k, v held as column blocks of [B, N, W] source arrays. `layout` gives (source index, first
+    column) for q, k and v: head h of q is sources[i][..., column + h*D : + D]. E.g. the qkv projection output alone:
+    sources (qkv,), layout ((0, 0), (0, C), (0, 2C)); SANA-1.5's normed q and k beside it: (q, k, qkv),
+    ((0, 0), (1, 0), (2, 2C)). Returns [B, N, H*D] in v's source dtype. Same function as `relu_linear_attention`;
+    its backward runs two more kernels (`_pallas_backward`) and returns one gradient per source."""
+    return _pallas_forward(sources, layout, heads, head_dim, eps, interpret)[0]
 
 
-def _pallas_fwd(q_src, k_src, v_src, columns, heads, head_dim, eps, interpret):
-    out = _pallas_forward(q_src, k_src, v_src, columns, heads, head_dim, eps, interpret)
-    return out, (q_src, k_src, v_src)
+def _pallas_fwd(sources, layout, heads, head_dim, eps, interpret):
+    out, state = _pallas_forward(sources, layout, heads, head_dim, eps, interpret)
+    return out, (sources, state)  # the state is [B*H, D, D] fp32: kept rather than recomputed
 
 
-def _pallas_bwd(columns, heads, head_dim, eps, interpret, residuals, cotangent):
-    del interpret
-    fn = lambda q, k, v: relu_linear_attention_xla_packed(q, k, v, columns, heads, head_dim, eps)  # noqa: E731
-    _, vjp = jax.vjp(fn, *residuals)
-    return vjp(cotangent)
+def _pallas_bwd(layout, heads, head_dim, eps, interpret, residuals, cotangent):
+    sources, state = residuals
+    return (_pallas_backward(sources, layout, heads, head_dim, eps, interpret, state, cotangent),)
 
 
 relu_linear_attention_pallas.defvjp(_pallas_fwd, _pallas_bwd)

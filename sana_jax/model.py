@@ -223,18 +223,18 @@ class LiteLA(nn.Module):
         cfg = self.config
         b, n, c = x.shape
         qkv = Linear(3 * c, cfg, ("embed", "heads"), use_bias=False, name="qkv")(x)  # [B, N, 3C]
-        # Head h owns channels [32h, 32h + 32) of each of q, k, v: column blocks (q_src, k_src, v_src, offsets).
-        sources, columns = (qkv, qkv, qkv), (0, c, 2 * c)
+        # Head h owns channels [32h, 32h + 32) of each of q, k, v: (source, first column) of q, k and v.
+        sources, layout = (qkv,), ((0, 0), (0, c), (0, 2 * c))
         if cfg.qk_norm:
             q, k, _ = jnp.split(qkv, 3, axis=-1)
             sources = (RMSNorm(cfg.norm_eps, name="q_norm")(q), RMSNorm(cfg.norm_eps, name="k_norm")(k), qkv)
-            columns = (0, 0, 2 * c)
-        args = (columns, cfg.num_heads, cfg.linear_head_dim, cfg.linear_attn_eps)
+            layout = ((0, 0), (1, 0), (2, 2 * c))
+        args = (layout, cfg.num_heads, cfg.linear_head_dim, cfg.linear_attn_eps)
         if resolve_linear_attn_impl(cfg) == "pallas":
-            kernel = lambda *src: relu_linear_attention_pallas(*src, *args, _interpret_pallas())  # noqa: E731
+            kernel = lambda *src: relu_linear_attention_pallas(src, *args, _interpret_pallas())  # noqa: E731
             out = on_batch_shards(kernel, sources)  # [B, N, C]
         else:
-            out = relu_linear_attention_xla_packed(*sources, *args)
+            out = relu_linear_attention_xla_packed(sources, *args)
         out = Linear(c, cfg, ("heads", "embed"), name="proj")(out)
         if out.dtype == jnp.float16:  # SANA clips here under fp16 autocast: LiteLA outputs can exceed fp16.
             out = jnp.clip(out, -_FP16_MAX, _FP16_MAX)

@@ -66,7 +66,7 @@ def test_profile_names_every_pallas_kernel_of_the_model():
     qkv = jax.ShapeDtypeStruct((1, 70, 3 * 64), jnp.bfloat16)
 
     def litela(a):  # two heads of 32 channels from packed qkv columns
-        return linear_attention.relu_linear_attention_pallas(a, a, a, (0, 64, 128), 2, 32, 1e-8, False)
+        return linear_attention.relu_linear_attention_pallas((a,), ((0, 0), (0, 64), (0, 128)), 2, 32, 1e-8, False)
 
     programs = [(glu, glu_args), (lambda *a: jax.vjp(glu, *a)[1](cotangent), glu_args),
                 (litela, [qkv]), (lambda a: jax.vjp(litela, a)[1](jnp.zeros((1, 70, 64), jnp.bfloat16)), [qkv])]

@@ -113,12 +113,20 @@ def test_pallas_litela_kernel_compiled_matches_xla_sibling():
                                                   (3, 77, 5, 24, jnp.bfloat16), (2, 600, 4, 32, jnp.float32)):
         c = heads * head_dim
         qkv = jnp.asarray(np.random.default_rng(0).standard_normal((batch, tokens, 3 * c)), dtype)
-        args = ((0, c, 2 * c), heads, head_dim, 1e-8)
-        ref = jax.jit(lambda a: linear_attention.relu_linear_attention_xla_packed(a, a, a, *args))(qkv)
-        out = jax.jit(lambda a: linear_attention.relu_linear_attention_pallas(a, a, a, *args))(qkv)
+        args = (((0, 0), (0, c), (0, 2 * c)), heads, head_dim, 1e-8)
+        ref = jax.jit(lambda a: linear_attention.relu_linear_attention_xla_packed((a,), *args))(qkv)
+        out = jax.jit(lambda a: linear_attention.relu_linear_attention_pallas((a,), *args))(qkv)
+        bound = TOLERANCES["tiny_fp32"] if dtype == jnp.float32 else TOLERANCES["litela_bf16"]
         err = relative_error(ref, out)
         print((batch, tokens, heads, head_dim), dtype.__name__, err)
-        assert err <= (TOLERANCES["tiny_fp32"] if dtype == jnp.float32 else TOLERANCES["litela_bf16"])
+        assert err <= bound
+        cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(ref.shape), dtype)
+        grad_ref, grad = (jax.jit(lambda a, f=f: jax.vjp(lambda s: f(s, *args), (a,))[1](cotangent)[0][0])(qkv)
+                          for f in (linear_attention.relu_linear_attention_xla_packed,
+                                    linear_attention.relu_linear_attention_pallas))
+        err = relative_error(grad_ref, grad)
+        print((batch, tokens, heads, head_dim), dtype.__name__, "d_qkv", err)
+        assert err <= bound
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -118,28 +118,43 @@ def test_compiled_glu_kernels_lower_for_cuda_with_fused_multiply_adds(dtype):
     (2, 70, 3, 32, jnp.float32, True),
     (1, 600, 2, 32, jnp.bfloat16, True),  # two 512-token splits, the second partial
     (2, 33, 2, 8, jnp.bfloat16, False),  # q, k apart from v (SANA-1.5 q/k norm)
+    (3, 130, 3, 24, jnp.bfloat16, False),  # head dim padded to 32 in the kernels, three token blocks
 ])
 def test_litela_kernel_matches_xla_sibling(batch, tokens, heads, head_dim, dtype, packed):
+    """Outputs and the gradient of every source against XLA's autodiff of the sibling, with dead queries (q <= 0
+    everywhere in a row: den = eps) and a head whose keys are all dead (state 0), and entries at exactly 0."""
     rng = np.random.default_rng(3)
     c = heads * head_dim
-    qkv = jnp.asarray(rng.standard_normal((batch, tokens, 3 * c)), dtype)
+    qkv = rng.standard_normal((batch, tokens, 3 * c)).astype(np.float32)
+    qkv[:, ::7, :c] = -np.abs(qkv[:, ::7, :c])  # every 7th query dead in every head
+    qkv[0, :, c:c + head_dim] = -1.0  # head 0 of image 0: no live key
+    qkv[:, 1::5, :] = np.where(rng.random(qkv[:, 1::5].shape) < 0.3, 0.0, qkv[:, 1::5])  # ReLU' at exactly 0
+    qkv = jnp.asarray(qkv, dtype)
     if packed:
-        sources, columns = (qkv, qkv, qkv), (0, c, 2 * c)
+        sources, layout = (qkv,), ((0, 0), (0, c), (0, 2 * c))
     else:
         q, k = (jnp.asarray(rng.standard_normal((batch, tokens, c)), dtype) for _ in range(2))
-        sources, columns = (q, k, qkv), (0, 0, 2 * c)
-    args = (columns, heads, head_dim, 1e-8)
-    ref = linear_attention.relu_linear_attention_xla_packed(*sources, *args)
-    out = linear_attention.relu_linear_attention_pallas(*sources, *args, True)
+        sources, layout = (q, k, qkv), ((0, 0), (1, 0), (2, 2 * c))
+    args = (layout, heads, head_dim, 1e-8)
+    tolerance = "tiny_fp32" if dtype == jnp.float32 else "litela_bf16"
+    ref = linear_attention.relu_linear_attention_xla_packed(sources, *args)
+    out = linear_attention.relu_linear_attention_pallas(sources, *args, True)
     assert out.shape == ref.shape == (batch, tokens, c) and out.dtype == dtype
-    assert_close(f"litela pallas vs xla {(batch, tokens, heads, head_dim)} {dtype.__name__}", ref, out,
-                 "tiny_fp32" if dtype == jnp.float32 else "litela_bf16")
+    assert_close(f"litela pallas vs xla {(batch, tokens, heads, head_dim)} {dtype.__name__}", ref, out, tolerance)
     cotangent = jnp.asarray(rng.standard_normal(ref.shape), dtype)
-    grads_ref = jax.vjp(lambda *a: linear_attention.relu_linear_attention_xla_packed(*a, *args), *sources)[1](
-        cotangent)
-    grads = jax.vjp(lambda *a: linear_attention.relu_linear_attention_pallas(*a, *args, True), *sources)[1](cotangent)
-    for g_ref, g in zip(grads_ref, grads):
-        np.testing.assert_array_equal(np.asarray(g_ref, np.float32), np.asarray(g, np.float32))
+    grads_ref = jax.vjp(lambda s: linear_attention.relu_linear_attention_xla_packed(s, *args), sources)[1](
+        cotangent)[0]
+    grads = jax.vjp(lambda s: linear_attention.relu_linear_attention_pallas(s, *args, True), sources)[1](cotangent)[0]
+    for i, (g_ref, g, src) in enumerate(zip(grads_ref, grads, sources)):
+        assert g.shape == g_ref.shape and g.dtype == g_ref.dtype
+        assert_close(f"litela pallas vs xla d_source{i} {(batch, tokens, heads, head_dim)}", g_ref, g, tolerance)
+        # Exactly 0 where nothing flows: columns no head reads (q, k of qkv beside the normed ones), q and k <= 0.
+        live = np.zeros(src.shape, bool)
+        for role, (slot, column) in zip("qkv", layout):
+            if slot == i:
+                block = np.asarray(src[..., column:column + c], np.float32)
+                live[..., column:column + c] = True if role == "v" else block > 0
+        np.testing.assert_array_equal(np.asarray(g)[~live], 0)
 
 
 # The whole model with both kernels on meshes of 8 simulated devices, against the XLA siblings on one device.
@@ -182,10 +197,10 @@ def kernel_batches(jaxpr, batch=None):  # per launch: the enclosing shard_map's 
         if eqn.primitive.name == "pallas_call":
             yield batch
         inner = batch
-        if eqn.primitive.name == "shard_map":  # operands split like the map's output rows: the batched ones
-            rows = eqn.params["out_specs"][0] if eqn.params["out_specs"] else None
+        if eqn.primitive.name == "shard_map":  # the activations ([B, ...], 3+ dims) split over their rows; not
+            # weights, nor the LiteLA state residual [B*H*D, D] (split over every axis, tensor included)
             batched = [v.aval.shape[0] for v, spec in zip(eqn.params["jaxpr"].invars, eqn.params["in_specs"])
-                       if rows is not None and spec == rows]  # per-device avals (partial evaluation empties some maps)
+                       if spec and spec[0] is not None and v.aval.ndim >= 3]  # per-device avals
             inner = batched[0] if batched else batch
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             yield from kernel_batches(sub, inner)
