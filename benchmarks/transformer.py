@@ -291,7 +291,10 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[key] = value
+        try:  # true / 2 / 1e-8 as JSON values; anything else (bfloat16, cudnn) stays a string
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     return overrides
 
 

@@ -278,12 +278,32 @@ def attention_over_kept_keys(q: Array, k: Array, v: Array, mask_bias: Array, imp
     key's weight exp(-10000 + ...) is 0 in fp32. An image with no kept key gets no mask at all: the -10000 shifts
     all its logits alike, which softmax ignores (up to the rounding of the shifted logits)."""
     keep = mask_bias == 0
-    order = jnp.argsort(~keep, axis=-1, stable=True)[:, :, None, None]  # [B, L, 1, 1], kept keys first
-    k, v = jnp.take_along_axis(k, order, axis=1), jnp.take_along_axis(v, order, axis=1)
+    order = jnp.argsort(~keep, axis=-1, stable=True)  # [B, L], kept keys first
+    k, v = permute_rows(k, order), permute_rows(v, order)
     lengths = jnp.sum(keep, axis=-1, dtype=jnp.int32)
     lengths = jnp.where(lengths == 0, keep.shape[1], lengths)
     return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), key_value_seq_lengths=lengths,
                                         implementation=implementation)
+
+
+@jax.custom_vjp
+def permute_rows(x: Array, order: Array) -> Array:
+    """x [B, L, ...] with its rows reordered per image: out[b, i] = x[b, order[b, i]]; order [B, L] a permutation.
+
+    The gradient is the inverse permutation of the cotangent, a gather: autodiff of take_along_axis would scatter-add
+    (ten times slower on GPU for the caption keys), as it cannot know that the indices are a permutation."""
+    return jnp.take_along_axis(x, order.reshape(*order.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
+def _permute_rows_fwd(x, order):
+    return permute_rows(x, order), order
+
+
+def _permute_rows_bwd(order, cotangent):
+    return permute_rows(cotangent, jnp.argsort(order, axis=1)), None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 class Conv1x1(nn.Module):
@@ -393,6 +413,7 @@ def _scanned_blocks(cfg: SanaConfig, grid_hw: tuple[int, int]) -> nn.Module:
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.depth,
+        unroll=cfg.depth if cfg.unroll_blocks else 1,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return scanned(cfg, grid_hw, name="blocks")

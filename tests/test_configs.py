@@ -62,6 +62,7 @@ def test_variant_facts():
     (dict(remat_policy="sometimes"), "remat_policy"),
     (dict(depth=0), "depth"),
     (dict(logvar=True), "guidance_embeds"),
+    (dict(unroll_blocks="false"), "unroll_blocks must be a bool"),
 ])
 def test_bad_config_values_raise(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -100,9 +100,11 @@ def test_sprint_logvar_head():
     assert logvar.shape == (2, 1) and out.shape == x.shape[:3] + (SPRINT.out_channels,)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
-def test_remat_policy_changes_memory_not_numbers(policy):
-    cfg = configs.TINY
+@pytest.mark.parametrize("field, value", [("remat_policy", "full"), ("remat_policy", "dots_saveable"),
+                                          ("unroll_blocks", True)])
+def test_remat_and_unrolling_change_memory_and_speed_not_numbers(field, value):
+    cfg, policy = configs.TINY, f"{field}={value}"
+    assert getattr(cfg, field) != value
     params = perturb_params(sana_jax.init_params(sana_jax.SanaTransformer(cfg), jax.random.key(0)))
     x, t, y, mask, _ = make_inputs(cfg)
 
@@ -110,10 +112,10 @@ def test_remat_policy_changes_memory_not_numbers(policy):
         model = sana_jax.SanaTransformer(c)
         return jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, y, mask) ** 2)))(params)
 
-    (ref_loss, ref_grads), (loss, grads) = loss_and_grad(cfg), loss_and_grad(cfg.replace(remat_policy=policy))
+    (ref_loss, ref_grads), (loss, grads) = loss_and_grad(cfg), loss_and_grad(cfg.replace(**{field: value}))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_grads), jax.tree_util.tree_leaves(grads)):
-        assert_close(f"remat {policy} grad {jax.tree_util.keystr(path)}", a, b, "tiny_fp32_grad")
+        assert_close(f"{policy} grad {jax.tree_util.keystr(path)}", a, b, "tiny_fp32_grad")
 
 
 def test_bf16_compute_tracks_fp32(model_and_params):
@@ -186,3 +188,28 @@ def test_attention_over_kept_keys_equals_the_masked_softmax():
     # The no-key row's reference rounds its logits shifted by -10000 (fp32 ulp 1e-3 there): checked apart.
     assert_close("kept-keys attention vs masked softmax", ref[:4], out[:4], "tiny_fp32")
     np.testing.assert_allclose(out[4], ref[4], atol=5e-3)
+    # Gradients through the key permutation (permute_rows' own vjp) land on the right keys.
+    cotangent = jnp.asarray(rng.standard_normal(out.shape), jnp.float32).at[4].set(0)
+
+    def masked_softmax(q, k, v):
+        logits = jnp.einsum("bnhd,blhd->bhnl", q, k, precision="highest") / np.sqrt(d)
+        weights = jax.nn.softmax(logits + mask_bias[:, None, None, :], axis=-1)
+        return jnp.einsum("bhnl,blhd->bnhd", weights, v, precision="highest")
+
+    grads_ref = jax.vjp(masked_softmax, q, k, v)[1](cotangent)
+    grads = jax.vjp(lambda *a: attention_over_kept_keys(*a, mask_bias, implementation="xla"), q, k, v)[1](cotangent)
+    for name, g_ref, g in zip("qkv", grads_ref, grads):
+        assert_close(f"kept-keys attention d{name}", g_ref, g, "tiny_fp32_grad")
+
+
+def test_permute_rows_gradient_is_the_inverse_permutation():
+    from sana_jax.model import permute_rows
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 9, 2, 4)), jnp.float32)
+    order = jnp.asarray(np.stack([rng.permutation(9) for _ in range(3)]), jnp.int32)
+    cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    gather = lambda a: jnp.take_along_axis(a, order[:, :, None, None], axis=1)  # noqa: E731
+    out, vjp = jax.vjp(lambda a: permute_rows(a, order), x)
+    np.testing.assert_array_equal(out, gather(x))
+    np.testing.assert_array_equal(vjp(cotangent)[0], jax.vjp(gather, x)[1](cotangent)[0])

@@ -68,7 +68,7 @@ def _host_batch(loader: Loader, k: int) -> dict:
 
 
 # How the model is computed, not what it computes: a run may resume with another remat policy or kernel choice.
-_EXECUTION_FIELDS = ("remat_policy", "attention_impl", "glu_impl", "linear_attn_impl")
+_EXECUTION_FIELDS = ("remat_policy", "unroll_blocks", "attention_impl", "glu_impl", "linear_attn_impl")
 
 
 def _same_model(cfg: TrainConfig, meta: dict, directory: str) -> None:
