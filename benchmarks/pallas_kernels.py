@@ -5,7 +5,7 @@
           off: the shipped setting only.
   glu_backward: its vjp alone (residuals given), XLA's autodiff of the sibling vs the Pallas op's backward;
           with `--sweep`, glu_conv_backward_kernels: the backward kernels at each tile of the sweep.
-  litela: sana_jax.linear_attention from packed qkv, XLA sibling vs Pallas.
+  litela: sana_jax.linear_attention from packed qkv, XLA sibling vs Pallas; litela_vjp: forward + backward.
 One JSON object per line: op, shape, impl (and tile), median ms, GB/s of the bytes an ideal kernel moves (inputs
 read once, output written once), max|diff| / max|ref| against the XLA sibling.
 
@@ -104,6 +104,16 @@ def bench_litela(shape, args, interpret):
         ms = median_ms(lambda: fn(qkv), jax.block_until_ready, args.warmup, args.iters)
         emit({"op": "litela", "shape": list(shape), "impl": impl, "ms": round(ms, 4),
               "gb_per_s": round(ideal_bytes / ms / 1e6, 1), "rel_diff": rel(ref, out)})
+    # Forward + backward (the vjp, as a training step runs it): XLA's autodiff of the sibling vs the two kernels.
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(ref.shape), jnp.bfloat16)
+    vjps = {impl: jax.jit(lambda a, f=f: jax.vjp(f, a)[1](cotangent)[0])
+            for impl, f in (("xla", xla), ("pallas", pallas))}
+    grad_ref = vjps["xla"](qkv)
+    for impl, fn in vjps.items():
+        grad = fn(qkv)
+        ms = median_ms(lambda: fn(qkv), jax.block_until_ready, args.warmup, args.iters)
+        emit({"op": "litela_vjp", "shape": list(shape), "impl": impl, "ms": round(ms, 4),
+              "rel_diff": rel(grad_ref, grad)})
 
 
 def main(argv=None) -> int:

@@ -236,8 +236,9 @@ def _pallas_forward(sources, layout, heads, head_dim, eps, interpret):
 
 
 def _pallas_backward(sources, layout, heads, head_dim, eps, interpret, state, cotangent):
-    """The gradients of the sources, one buffer each, from the query_grad and key_grad kernels. A buffer's columns that are not q, k or v of any head stay 0; every other element is written exactly once, so
-    a source holding q, k and v (the qkv projection) gets its gradient without adding three [B, N, W] arrays."""
+    """The gradients of the sources, one buffer each, from the query_grad and key_grad kernels. A buffer's columns
+    that are not q, k or v of any head stay 0; every other element is written exactly once, so a source holding
+    q, k and v (the qkv projection) gets its gradient without adding three [B, N, W] arrays."""
     (q_slot, q_col), (k_slot, k_col), (v_slot, v_col) = layout
     batch, tokens = sources[0].shape[:2]
     width = _head_width(head_dim)
