@@ -84,15 +84,20 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a.astype(f32), b.astype(f32), precision=_HIGHEST, preferred_element_type=f32)
 
 
-def _block(ref, b, t0, tokens, column, head_dim):
-    """The [_TOKENS_PER_STEP, width] block of one head's columns (from `column`) at tokens t0.. of image b of a
-    [B*N, W] ref, and its mask (tokens past N and columns past the head dim read as 0)."""
-    from jax.experimental.pallas import triton as plgpu
-
+def _tile(ref, b, t0, tokens, column, head_dim):
+    """The [_TOKENS_PER_STEP, width] tile of one head's columns (from `column`) at tokens t0.. of image b of a
+    [B*N, W] ref, and its mask (tokens past N, columns past the head dim)."""
     width = _head_width(head_dim)
     ok = ((t0 + jnp.arange(_TOKENS_PER_STEP)) < tokens)[:, None] & (jnp.arange(width) < head_dim)[None, :]
-    at = ref.at[pl.ds(b * tokens + t0, _TOKENS_PER_STEP), pl.ds(column, width)]
-    return at, ok, plgpu.load(at, mask=ok, other=0)
+    return ref.at[pl.ds(b * tokens + t0, _TOKENS_PER_STEP), pl.ds(column, width)], ok
+
+
+def _load(ref, b, t0, tokens, column, head_dim):
+    """`_tile`'s values, 0 outside the mask."""
+    from jax.experimental.pallas import triton as plgpu
+
+    at, ok = _tile(ref, b, t0, tokens, column, head_dim)
+    return plgpu.load(at, mask=ok, other=0)
 
 
 def _state_kernel(k_ref, v_ref, h_ref, z_ref, *, tokens, heads, head_dim, k_col, v_col):
@@ -105,8 +110,8 @@ def _state_kernel(k_ref, v_ref, h_ref, z_ref, *, tokens, heads, head_dim, k_col,
     def step(i, carry):
         h, z = carry
         t0 = split * _TOKENS_PER_SPLIT + i * _TOKENS_PER_STEP
-        k = jnp.maximum(_block(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim)[2], 0)
-        v = _block(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)[2]
+        k = jnp.maximum(_load(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim), 0)
+        v = _load(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)
         h = h + _dot(k.T, v)  # [width, width]
         z = z + jnp.sum(k.astype(jnp.float32), axis=0, keepdims=True)  # [1, width]
         return h, z
@@ -125,12 +130,11 @@ def _output_kernel(q_ref, h_ref, z_ref, o_ref, *, tokens, heads, head_dim, q_col
     b, head = bh // heads, bh % heads
     width = _head_width(head_dim)
     t0 = block * _TOKENS_PER_STEP
-    _, ok, q = _block(q_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
-    q = jnp.maximum(q, 0)
+    q = jnp.maximum(_load(q_ref, b, t0, tokens, q_col + head * head_dim, head_dim), 0)
     h = plgpu.load(h_ref.at[pl.ds(bh * width, width), :])  # [width, width] fp32
     z = plgpu.load(z_ref.at[pl.ds(bh, 1), :])  # [1, width] fp32
     den = jnp.sum(q.astype(jnp.float32) * z, axis=1, keepdims=True) + eps
-    o_at = o_ref.at[pl.ds(b * tokens + t0, _TOKENS_PER_STEP), pl.ds(head * head_dim, width)]
+    o_at, ok = _tile(o_ref, b, t0, tokens, head * head_dim, head_dim)
     plgpu.store(o_at, (_dot(q, h) / den).astype(o_ref.dtype), mask=ok)
 
 
@@ -149,14 +153,14 @@ def _query_grad_kernel(q_ref, g_ref, h_ref, z_ref, _, dq_ref, dh_ref, dz_ref, *,
     def step(i, carry):
         dh, dz = carry
         t0 = split * _TOKENS_PER_SPLIT + i * _TOKENS_PER_STEP
-        _, _, q_in = _block(q_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
-        _, _, g = _block(g_ref, b, t0, tokens, head * head_dim, head_dim)
+        q_in = _load(q_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
+        g = _load(g_ref, b, t0, tokens, head * head_dim, head_dim)
         q = jnp.maximum(q_in, 0)
         q32 = q.astype(jnp.float32)
         den = jnp.sum(q32 * z, axis=1, keepdims=True) + eps  # [T, 1]
         c = -jnp.sum(g.astype(jnp.float32) * (_dot(q, h) / den), axis=1, keepdims=True) / den  # d loss / d den
         dq = _dot(g, h.T) / den + c * z  # g h^T / den = (g / den) h^T with g exact in bf16
-        dq_at, ok, _ = _block(dq_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
+        dq_at, ok = _tile(dq_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
         plgpu.store(dq_at, jnp.where(q_in > 0, dq, 0).astype(dq_ref.dtype), mask=ok)
         dh = dh + _dot((q32 / den).T, g)  # a dead query (q^ = 0, den = eps) adds exactly 0
         dz = dz + jnp.sum(q32 * c, axis=0, keepdims=True)
@@ -179,14 +183,14 @@ def _key_grad_kernel(k_ref, v_ref, dh_ref, dz_ref, *buffers, tokens, heads, head
     width = _head_width(head_dim)
     outs = buffers[len(buffers) // 2:]
     t0 = block * _TOKENS_PER_STEP
-    _, _, k_in = _block(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim)
-    _, _, v = _block(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)
+    k_in = _load(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim)
+    v = _load(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)
     dh = plgpu.load(dh_ref.at[pl.ds(bh * width, width), :])  # [width, width] fp32
     dz = plgpu.load(dz_ref.at[pl.ds(bh, 1), :])  # [1, width] fp32
     dk = jnp.where(k_in > 0, _dot(v, dh.T) + dz, 0)
     dv = _dot(jnp.maximum(k_in, 0), dh)
     for out, column, value in ((outs[k_out], k_col, dk), (outs[v_out], v_col, dv)):
-        at, ok, _ = _block(out, b, t0, tokens, column + head * head_dim, head_dim)
+        at, ok = _tile(out, b, t0, tokens, column + head * head_dim, head_dim)
         plgpu.store(at, value.astype(out.dtype), mask=ok)
 
 

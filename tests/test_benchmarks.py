@@ -38,8 +38,8 @@ def test_generate_benchmark():
 
 def test_pallas_kernels_benchmark():
     records = bench("pallas_kernels", "--tiny")
-    assert {(r["op"], r["impl"]) for r in records} == {(op, impl) for op in ("glu", "glu_backward", "litela")
-                                                      for impl in ("xla", "pallas")}
+    ops = ("glu", "glu_backward", "litela", "litela_vjp")
+    assert {(r["op"], r["impl"]) for r in records} == {(op, impl) for op in ops for impl in ("xla", "pallas")}
     assert all(r["ms"] > 0 and r["rel_diff"] < 1e-2 for r in records)
 
 
