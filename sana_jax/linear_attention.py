@@ -100,9 +100,20 @@ def _load(ref, b, t0, tokens, column, head_dim):
     return plgpu.load(at, mask=ok, other=0)
 
 
-def _state_kernel(k_ref, v_ref, h_ref, z_ref, *, tokens, heads, head_dim, k_col, v_col):
+def _sum_over_split(step, width: int, matrix_ref, vector_ref) -> None:
+    """Runs `step(i, (matrix, vector))` over the steps of this program's split of tokens from fp32 zeros
+    ([width, width], [1, width]) and stores the sums as the program's partials (rows of matrix_ref / vector_ref
+    indexed by split * B*H + b*h; summed over the splits outside)."""
     from jax.experimental.pallas import triton as plgpu
 
+    init = (jnp.zeros((width, width), jnp.float32), jnp.zeros((1, width), jnp.float32))
+    matrix, vector = jax.lax.fori_loop(0, _TOKENS_PER_SPLIT // _TOKENS_PER_STEP, step, init)
+    index = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
+    plgpu.store(matrix_ref.at[pl.ds(index * width, width), :], matrix)
+    plgpu.store(vector_ref.at[pl.ds(index, 1), :], vector)
+
+
+def _state_kernel(k_ref, v_ref, h_ref, z_ref, *, tokens, heads, head_dim, k_col, v_col):
     split, bh = pl.program_id(0), pl.program_id(1)
     b, head = bh // heads, bh % heads
     width = _head_width(head_dim)
@@ -116,11 +127,7 @@ def _state_kernel(k_ref, v_ref, h_ref, z_ref, *, tokens, heads, head_dim, k_col,
         z = z + jnp.sum(k.astype(jnp.float32), axis=0, keepdims=True)  # [1, width]
         return h, z
 
-    init = (jnp.zeros((width, width), jnp.float32), jnp.zeros((1, width), jnp.float32))
-    h, z = jax.lax.fori_loop(0, _TOKENS_PER_SPLIT // _TOKENS_PER_STEP, step, init)
-    index = split * pl.num_programs(1) + bh
-    plgpu.store(h_ref.at[pl.ds(index * width, width), :], h)
-    plgpu.store(z_ref.at[pl.ds(index, 1), :], z)
+    _sum_over_split(step, width, h_ref, z_ref)
 
 
 def _output_kernel(q_ref, h_ref, z_ref, o_ref, *, tokens, heads, head_dim, q_col, eps):
@@ -166,11 +173,7 @@ def _query_grad_kernel(q_ref, g_ref, h_ref, z_ref, _, dq_ref, dh_ref, dz_ref, *,
         dz = dz + jnp.sum(q32 * c, axis=0, keepdims=True)
         return dh, dz
 
-    init = (jnp.zeros((width, width), jnp.float32), jnp.zeros((1, width), jnp.float32))
-    dh, dz = jax.lax.fori_loop(0, _TOKENS_PER_SPLIT // _TOKENS_PER_STEP, step, init)
-    index = split * pl.num_programs(1) + bh
-    plgpu.store(dh_ref.at[pl.ds(index * width, width), :], dh)
-    plgpu.store(dz_ref.at[pl.ds(index, 1), :], dz)
+    _sum_over_split(step, width, dh_ref, dz_ref)
 
 
 def _key_grad_kernel(k_ref, v_ref, dh_ref, dz_ref, *buffers, tokens, heads, head_dim, k_col, v_col, k_out, v_out):
