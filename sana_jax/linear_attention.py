@@ -280,6 +280,17 @@ def _pallas_backward(sources, layout, heads, head_dim, eps, interpret, state, co
 Layout = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
+def _check_layout(sources, layout, heads: int, head_dim: int) -> None:
+    """Every source is [B, N, W] with the same B, N, and q, k, v each fit in their source's columns."""
+    shapes = [tuple(src.shape) for src in sources]
+    if any(len(shape) != 3 or shape[:2] != shapes[0][:2] for shape in shapes):
+        raise ValueError(f"LiteLA sources must be [B, N, W] arrays with the same B and N, got shapes {shapes}")
+    for role, (slot, column) in zip("qkv", layout):
+        if not 0 <= slot < len(sources) or column < 0 or column + heads * head_dim > shapes[slot][2]:
+            raise ValueError(f"LiteLA layout: {role} at (source {slot}, column {column}) needs {heads} heads x "
+                             f"{head_dim} columns, but the sources have shapes {shapes}")
+
+
 def _heads(src: jax.Array, column: int, heads: int, head_dim: int) -> jax.Array:
     """[B, N, W] source -> the [B, N, H, D] block of its columns starting at `column`."""
     return src[..., column:column + heads * head_dim].reshape(*src.shape[:2], heads, head_dim)
@@ -288,6 +299,7 @@ def _heads(src: jax.Array, column: int, heads: int, head_dim: int) -> jax.Array:
 def relu_linear_attention_xla_packed(sources: tuple[jax.Array, ...], layout: Layout, heads: int, head_dim: int,
                                      eps: float):
     """The XLA sibling of `relu_linear_attention_pallas`, same arguments: [B, N, H*D] out in v's source dtype."""
+    _check_layout(sources, layout, heads, head_dim)
     q, k, v = (_heads(sources[slot], column, heads, head_dim) for slot, column in layout)
     out = relu_linear_attention(q, k, v, eps)
     return out.reshape(*out.shape[:2], heads * head_dim)
@@ -301,10 +313,12 @@ def relu_linear_attention_pallas(sources: tuple[jax.Array, ...], layout: Layout,
     sources (qkv,), layout ((0, 0), (0, C), (0, 2C)); SANA-1.5's normed q and k beside it: (q, k, qkv),
     ((0, 0), (1, 0), (2, 2C)). Returns [B, N, H*D] in v's source dtype. Same function as `relu_linear_attention`;
     its backward runs two more kernels (`_pallas_backward`) and returns one gradient per source."""
+    _check_layout(sources, layout, heads, head_dim)
     return _pallas_forward(sources, layout, heads, head_dim, eps, interpret)[0]
 
 
 def _pallas_fwd(sources, layout, heads, head_dim, eps, interpret):
+    _check_layout(sources, layout, heads, head_dim)
     out, state = _pallas_forward(sources, layout, heads, head_dim, eps, interpret)
     return out, (sources, state)  # the state is [B*H, D, D] fp32: kept rather than recomputed
 

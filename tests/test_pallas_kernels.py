@@ -157,6 +157,18 @@ def test_litela_kernel_matches_xla_sibling(batch, tokens, heads, head_dim, dtype
         np.testing.assert_array_equal(np.asarray(g)[~live], 0)
 
 
+@pytest.mark.parametrize("layout, shapes, message", [
+    (((0, 0), (0, 64), (0, 128)), [(1, 5, 150)], "v at \\(source 0, column 128\\)"),
+    (((0, 0), (1, 0), (2, 128)), [(1, 5, 64), (1, 5, 64)], "v at \\(source 2"),
+    (((0, 0), (0, 64), (0, 128)), [(1, 5, 192), (2, 5, 64)], "same B and N"),
+])
+def test_litela_layout_errors_name_the_role_and_shapes(layout, shapes, message):
+    sources = tuple(jnp.zeros(shape, jnp.float32) for shape in shapes)
+    for fn in (linear_attention.relu_linear_attention_xla_packed, linear_attention.relu_linear_attention_pallas):
+        with pytest.raises(ValueError, match=message):
+            fn(sources, layout, 2, 32, 1e-8)
+
+
 # The whole model with both kernels on meshes of 8 simulated devices, against the XLA siblings on one device.
 # Each device must run the kernels on its own images only: XLA's SPMD partitioner cannot split a kernel's custom
 # call and would otherwise gather the batch and run all 8 images on every device.
