@@ -50,6 +50,21 @@ def test_profile_benchmark(mode):
     assert len(records) == 4
 
 
+def test_profile_attributes_ops_to_passes_and_parts_of_the_model():
+    from benchmarks.profile_jax import hlo_op, scope
+
+    body = "jit(step)/transpose(jvp(SanaTransformer))/while/body/eval_jaxpr/checkpoint/"
+    assert scope(body + "blocks/attn/transpose(blocks)/attn/jvp()/select_n") == "backward attn"
+    assert scope(body + "rematted_computation/blocks/mlp/depth_conv/silu_glu_dwconv/pallas_call") == "recompute mlp"
+    assert scope(body + "blocks/add_any") == "backward block"
+    assert scope("jit(step)/jvp(SanaTransformer)/while/body/eval_jaxpr/blocks/cross_attn/q_linear/dot_general") == \
+        "forward cross_attn"
+    assert scope("jit(step)/reduce_sum") == "outside" and scope(None) == "unattributed"
+    # cuBLAS kernels are attributed through XLA's annotation, except inside a CUDA graph (named after the graph)
+    assert hlo_op({"name": "nvjet_sm90_tst", "args": {"hlo_op": "custom-call.13"}}) == "custom-call_13"
+    assert hlo_op({"name": "loop_add_fusion_3", "args": {"hlo_op": "command_buffer_47"}}) == "loop_add_fusion_3"
+
+
 def test_profile_names_every_pallas_kernel_of_the_model():
     """profile_jax's "pallas" category lists exactly the `name=` of the model's pallas_calls (lowered for CUDA)."""
     import re
