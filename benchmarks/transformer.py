@@ -291,7 +291,9 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
-        try:  # true / 2 / 1e-8 as JSON values; anything else (bfloat16, cudnn) stays a string
+        # As `sana-jax train --set` parses (sana_jax.train.config), here without importing sana_jax or jax into
+        # the parent: true / 2 / 1e-8 as JSON values; anything else (bfloat16, cudnn) stays a string.
+        try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value

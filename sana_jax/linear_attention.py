@@ -113,6 +113,12 @@ def _sum_over_split(step, width: int, matrix_ref, vector_ref) -> None:
     plgpu.store(vector_ref.at[pl.ds(index, 1), :], vector)
 
 
+def _sum_splits(matrix: jax.Array, vector: jax.Array, splits: int, width: int) -> tuple[jax.Array, jax.Array]:
+    """The programs' partials ([splits*B*H*width, width], [splits*B*H, width]) summed over the splits, in a fixed
+    order: ([B*H*width, width], [B*H, width])."""
+    return matrix.reshape(splits, -1, width).sum(0), vector.reshape(splits, -1, width).sum(0)
+
+
 def _state_kernel(k_ref, v_ref, h_ref, z_ref, *, tokens, heads, head_dim, k_col, v_col):
     split, bh = pl.program_id(0), pl.program_id(1)
     b, head = bh // heads, bh % heads
@@ -210,8 +216,7 @@ def _flat(a: jax.Array) -> jax.Array:
 
 
 def _state(sources, layout, heads, head_dim, interpret):
-    """h = sum relu(k)^T v [B*H*width, width] and z = sum relu(k) [B*H, width], fp32, summed over the splits in a
-    fixed order."""
+    """h = sum relu(k)^T v [B*H*width, width] and z = sum relu(k) [B*H, width], fp32."""
     (k_slot, k_col), (v_slot, v_col) = layout[1:]
     batch, tokens = sources[0].shape[:2]
     width = _head_width(head_dim)
@@ -224,7 +229,7 @@ def _state(sources, layout, heads, head_dim, interpret):
         grid=(splits, batch * heads), in_specs=[any_spec] * 2, out_specs=(any_spec, any_spec),
         compiler_params=_compiler_params(interpret), interpret=interpret, name="litela_state",
     )(_flat(sources[k_slot]), _flat(sources[v_slot]))
-    return h.reshape(splits, -1, width).sum(0), z.reshape(splits, -1, width).sum(0)
+    return _sum_splits(h, z, splits, width)
 
 
 def _pallas_forward(sources, layout, heads, head_dim, eps, interpret):
@@ -262,7 +267,7 @@ def _pallas_backward(sources, layout, heads, head_dim, eps, interpret, state, co
         grid=(splits, batch * heads), in_specs=[any_spec] * 5, out_specs=(any_spec,) * 3,
         input_output_aliases={4: 0}, compiler_params=params, interpret=interpret, name="litela_query_grad",
     )(_flat(sources[q_slot]), _flat(cotangent).astype(sources[v_slot].dtype), h, z, grads[q_slot])
-    dh, dz = dh.reshape(splits, -1, width).sum(0), dz.reshape(splits, -1, width).sum(0)
+    dh, dz = _sum_splits(dh, dz, splits, width)
     slots = sorted({k_slot, v_slot})
     updated = pl.pallas_call(
         functools.partial(_key_grad_kernel, tokens=tokens, heads=heads, head_dim=head_dim, k_col=k_col, v_col=v_col,

