@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_ms, run_child  # noqa: E402
+from timing import median_ms, parse_overrides, run_child  # noqa: E402
 
 TOKENS = 300
 GUIDANCE = 4.5
@@ -37,7 +37,9 @@ def configs(args):
 
     vae = dcae.get(args.vae, compute_dtype="bfloat16")
     channels = vae.latent_channels
-    return model_configs.get(args.model, compute_dtype="bfloat16", in_channels=channels, out_channels=channels), vae
+    overrides = {"compute_dtype": "bfloat16", "in_channels": channels, "out_channels": channels,
+                 **parse_overrides(args.set)}
+    return model_configs.get(args.model, **overrides), vae
 
 
 def run_jax(args) -> dict:
@@ -131,6 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impls", nargs="+", default=["jax", "diffusers"], choices=["jax", "diffusers"])
     parser.add_argument("--no-compile", action="store_true", help="diffusers eager instead of torch.compile")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="SanaConfig override for both frameworks' transformer, e.g. unroll_blocks=true")
     parser.add_argument("--child", choices=["jax", "torch"], help=argparse.SUPPRESS)  # internal
     args = parser.parse_args(argv)
     args.model = args.model or ("tiny" if args.tiny else "sana_600m")
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
     args.size = args.size or (64 if args.tiny else 1024)
     args.iters = args.iters or (1 if args.tiny else 5)
     base = {"model": args.model, "vae": args.vae, "batch": args.batch, "size": args.size, "steps": args.steps,
-            "guidance": GUIDANCE}
+            "guidance": GUIDANCE, **({"overrides": parse_overrides(args.set)} if args.set else {})}
     if args.child:
         try:
             record = run_jax(args) if args.child == "jax" else run_torch(args)

@@ -101,6 +101,7 @@ def scope(op_name: str | None) -> str:
 def main(argv=None) -> int:
     import jax
 
+    import timing
     import transformer as bench
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     case = dict(mode=args.mode, model=args.model or ("tiny" if args.tiny else "sana_600m"),
                 size=args.size or (64 if args.tiny else 1024), batch=args.batch or (2 if args.tiny else 32),
-                remat=args.remat, overrides=bench.parse_overrides(args.set), optimizer="came", layer_group=0,
+                remat=args.remat, overrides=timing.parse_overrides(args.set), optimizer="came", layer_group=0,
                 mesh=[-1, 1, 1], warmup=2, iters=2)
     setup = bench.jax_forward if args.mode == "forward" else bench.jax_train
     captured = {}

@@ -54,3 +54,19 @@ def xla_program_bytes(compiled) -> int | None:
         return None
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
                - stats.alias_size_in_bytes)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set FIELD=VALUE` items -> {field: value} (SanaConfig overrides)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        # As `sana-jax train --set` parses (sana_jax.train.config), here without importing sana_jax or jax into
+        # the parent: true / 2 / 1e-8 as JSON values; anything else (bfloat16, cudnn) stays a string.
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides

@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import PEAK_FLOPS, median_ms, run_child, xla_program_bytes  # noqa: E402
+from timing import PEAK_FLOPS, median_ms, parse_overrides, run_child, xla_program_bytes  # noqa: E402
 
 TOKENS = 300
 # Forward cases (image px, batch) of the issue: 1024 px at batch 1 / 8 / 32, 2048 px and 4096 px at batch 1.
@@ -283,21 +283,6 @@ def plan(args) -> tuple[list[dict], list[dict]]:
     torch_cases = [c for c in torch_cases if c["impl"] in args.impls]
     torch_cases.sort(key=lambda c: c["impl"] == "diffusers_compile")
     return (jax_cases if "jax" in args.impls else []), torch_cases
-
-
-def parse_overrides(items: list[str]) -> dict:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
-        # As `sana-jax train --set` parses (sana_jax.train.config), here without importing sana_jax or jax into
-        # the parent: true / 2 / 1e-8 as JSON values; anything else (bfloat16, cudnn) stays a string.
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
 
 
 def summaries(records: list[dict]) -> list[dict]:

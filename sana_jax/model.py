@@ -20,7 +20,7 @@ import numpy as np
 from sana_jax import glu_conv
 from sana_jax.configs import SanaConfig
 from sana_jax.linear_attention import relu_linear_attention_pallas, relu_linear_attention_xla_packed
-from sana_jax.ops import accum_dtype, add_bias
+from sana_jax.ops import accum_dtype, add_bias, on_cuda
 
 Array = jax.Array
 _FP16_MAX = 65504.0
@@ -42,30 +42,26 @@ def resolve_attention_impl(cfg: SanaConfig) -> str:
         return cfg.attention_impl
     sixteen_bit = cfg.compute_dtype in ("bfloat16", "float16")
     head_dim_ok = cfg.cross_head_dim % 8 == 0 and cfg.cross_head_dim <= 128  # cuDNN flash attention's limits
-    return "cudnn" if sixteen_bit and head_dim_ok and _on_cuda() else "xla"
+    return "cudnn" if sixteen_bit and head_dim_ok and on_cuda() else "xla"
 
 
 def resolve_glu_impl(cfg: SanaConfig) -> str:
     """The depthwise-conv + gating kernel `cfg.glu_impl` stands for on this process's default backend."""
     if cfg.glu_impl != "auto":
         return cfg.glu_impl
-    return "pallas" if _on_cuda() and cfg.compute_dtype != "float64" else "xla"
+    return "pallas" if on_cuda() and cfg.compute_dtype != "float64" else "xla"
 
 
 def resolve_linear_attn_impl(cfg: SanaConfig) -> str:
     """The LiteLA kernel `cfg.linear_attn_impl` stands for on this process's default backend."""
     if cfg.linear_attn_impl != "auto":
         return cfg.linear_attn_impl
-    return "pallas" if _on_cuda() and cfg.compute_dtype != "float64" else "xla"
-
-
-def _on_cuda() -> bool:
-    return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
+    return "pallas" if on_cuda() and cfg.compute_dtype != "float64" else "xla"
 
 
 def _interpret_pallas() -> bool:
     """Pallas kernels compile for CUDA GPUs only; elsewhere an explicit "pallas" impl runs in the interpreter."""
-    return not _on_cuda()
+    return not on_cuda()
 
 
 def on_batch_shards(fn, batched: tuple[Array, ...], shared: tuple[Array, ...] = ()) -> Array:

@@ -1,9 +1,14 @@
-"""Elementwise helpers shared by the transformer (model.py) and its kernels (glu_conv.py)."""
+"""Helpers shared by the transformer (model.py), its kernels (glu_conv.py) and the optimizer (optim.py)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def on_cuda() -> bool:
+    """Whether the default backend is a CUDA GPU: where "auto" implementations pick their Pallas / cuDNN kernels."""
+    return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
 
 
 def accum_dtype(dtype) -> jnp.dtype:

@@ -59,12 +59,17 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from sana_jax import came_kernels
+from sana_jax.ops import on_cuda
+
 Array = jax.Array
 Factorization = Literal["sana", "last_two"]
+Impl = Literal["auto", "xla", "pallas"]
 PathNames = tuple[str, ...]
 StackedFn = Callable[[PathNames], bool]
 
 _FACTORIZATIONS = ("sana", "last_two")
+_IMPLS = ("auto", "xla", "pallas")
 _PLACEHOLDER_SHAPE = (1,)  # unused state slots, as optax's FactoredState
 
 
@@ -322,9 +327,9 @@ def _ema(decay, state: Array, value: Array) -> Array:
     return (1.0 - decay) * value + decay * state
 
 
-def _factored_rsqrt(row: Array, col: Array, row_axis: int) -> Array:
-    """came_pytorch's `_approx_sq_grad`: rsqrt(row / mean(row)) (rows) times rsqrt(col) (columns)."""
-    return jax.lax.rsqrt(row / jnp.mean(row, axis=row_axis, keepdims=True)) * jax.lax.rsqrt(col)
+def _rsqrt_factors(row: Array, col: Array, row_axis: int) -> tuple[Array, Array]:
+    """came_pytorch's `_approx_sq_grad` as its two factors: rsqrt(row / mean(row)) (rows), rsqrt(col) (columns)."""
+    return jax.lax.rsqrt(row / jnp.mean(row, axis=row_axis, keepdims=True)), jax.lax.rsqrt(col)
 
 
 def _per_layer_rms(x: Array, layer_axes: int) -> Array:
@@ -334,26 +339,91 @@ def _per_layer_rms(x: Array, layer_axes: int) -> Array:
     return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True)) / math.sqrt(numel)
 
 
-def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout, hp: _Hyper):
+Clip = tuple[Array, Array] | None  # (global norm of the gradients, max norm), or no clipping
+
+
+def _clipped(g: Array, clip: Clip) -> Array:
+    """optax.clip_by_global_norm's formula on one leaf (in the leaf's dtype, as optax)."""
+    if clip is None:
+        return g
+    norm, max_norm = clip
+    return jax.lax.select(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class _XlaSums:
+    """The factored means as XLA reductions, any backend: the sibling of sana_jax.came_kernels (each mean is a
+    pass over the gradient; XLA fuses the clipping into them)."""
+
+    def second_moment(self, g: Array, clip: Clip, eps1, layout: LeafLayout) -> tuple[Array, Array]:
+        """(means over the column axis, over the row axis) of clip(g)^2 + eps1, keepdims, fp32."""
+        u = jnp.square(_clipped(g, clip).astype(jnp.float32)) + eps1
+        return jnp.mean(u, axis=layout.col_axis, keepdims=True), jnp.mean(u, axis=layout.row_axis, keepdims=True)
+
+    def confidence(self, g: Array, clip: Clip, mu: Array, f_row: Array, f_col: Array, divisor: Array, b1, eps2,
+                   layout: LeafLayout) -> tuple[Array, Array, Array]:
+        """(m' = ema(b1, m, u), row and column means of (u - m')^2 + eps2) with u = (f_row f_col) clip(g) / divisor."""
+        u = (f_row * f_col) * _clipped(g, clip).astype(jnp.float32) / divisor
+        mu = _ema(b1, mu, u)
+        res = jnp.square(u - mu) + eps2  # instability, with the fp32 m of this step (also under 8-bit)
+        return mu, jnp.mean(res, axis=layout.col_axis, keepdims=True), jnp.mean(res, axis=layout.row_axis,
+                                                                                   keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PallasSums:
+    """The same means from sana_jax.came_kernels: row and column sums in one read of the gradient (and of m),
+    the clipping applied inside the kernels. Compiled on CUDA GPUs; `interpret` runs them anywhere (tests)."""
+
+    interpret: bool
+
+    @staticmethod
+    def _row_axis_is_last(g: Array, layout: LeafLayout) -> bool:
+        axes = {layout.row_axis, layout.col_axis}
+        if axes != {g.ndim - 2, g.ndim - 1}:
+            raise ValueError(f"the CAME kernels need the factored axes last; a leaf of shape {g.shape} has rows on "
+                             f"axis {layout.row_axis} and columns on axis {layout.col_axis}")
+        return layout.row_axis == g.ndim - 1
+
+    def _means(self, g: Array, sum_b: Array, sum_a: Array, layout: LeafLayout) -> tuple[Array, Array]:
+        """Kernel sums over B [N, A] and over A [N, B] -> (means over the column axis, over the row axis)."""
+        a, b = g.shape[-2:]
+        over_b = (sum_b / b).reshape(g.shape[:-1] + (1,))
+        over_a = (sum_a / a).reshape(g.shape[:-2] + (1, b))
+        return (over_a, over_b) if self._row_axis_is_last(g, layout) else (over_b, over_a)
+
+    def second_moment(self, g, clip, eps1, layout):
+        return self._means(g, *came_kernels.square_sums(g, eps1, clip, self.interpret), layout)
+
+    def confidence(self, g, clip, mu, f_row, f_col, divisor, b1, eps2, layout):
+        f_a, f_b = (f_col, f_row) if self._row_axis_is_last(g, layout) else (f_row, f_col)
+        divisor = jnp.broadcast_to(divisor, g.shape[:-2] + (1, 1))
+        mu, sum_b, sum_a = came_kernels.confidence(g, mu, f_a, f_b, divisor, b1, eps2, clip, self.interpret)
+        return (mu, *self._means(g, sum_b, sum_a, layout))
+
+
+def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout, hp: _Hyper, clip: Clip,
+               sums: _XlaSums | _PallasSums):
     """One CAME step for one leaf: (direction, new fp32 mu, new (v_row, v_col, v, r_row, r_col))."""
     v_row, v_col, v, r_row, r_col = stats
-    g = g.astype(jnp.float32)
-    u = jnp.square(g) + hp.eps1
     if layout.factored:
-        v_row = _ema(hp.b2, v_row, jnp.mean(u, axis=layout.col_axis, keepdims=True))
-        v_col = _ema(hp.b2, v_col, jnp.mean(u, axis=layout.row_axis, keepdims=True))
-        u = _factored_rsqrt(v_row, v_col, layout.row_axis) * g
+        row_mean, col_mean = sums.second_moment(g, clip, hp.eps1, layout)
+        v_row = _ema(hp.b2, v_row, row_mean)
+        v_col = _ema(hp.b2, v_col, col_mean)
+        f_row, f_col = _rsqrt_factors(v_row, v_col, layout.row_axis)
+        scaled = (f_row * f_col) * _clipped(g, clip).astype(jnp.float32)
+        divisor = jnp.maximum(_per_layer_rms(scaled, layout.layer_axes) / hp.clip_threshold, 1.0)
+        mu, res_row, res_col = sums.confidence(g, clip, mu, f_row, f_col, divisor, hp.b1, hp.eps2, layout)
+        r_row = _ema(hp.b3, r_row, res_row)
+        r_col = _ema(hp.b3, r_col, res_col)
+        f_row, f_col = _rsqrt_factors(r_row, r_col, layout.row_axis)
+        direction = (f_row * f_col) * mu
     else:
-        v = _ema(hp.b2, v, u)
+        g = _clipped(g, clip).astype(jnp.float32)
+        v = _ema(hp.b2, v, jnp.square(g) + hp.eps1)
         u = jax.lax.rsqrt(v) * g
-    u = u / jnp.maximum(_per_layer_rms(u, layout.layer_axes) / hp.clip_threshold, 1.0)
-    mu = _ema(hp.b1, mu, u)
-    if layout.factored:
-        res = jnp.square(u - mu) + hp.eps2  # instability, with the fp32 m of this step (also under 8-bit)
-        r_row = _ema(hp.b3, r_row, jnp.mean(res, axis=layout.col_axis, keepdims=True))
-        r_col = _ema(hp.b3, r_col, jnp.mean(res, axis=layout.row_axis, keepdims=True))
-        direction = _factored_rsqrt(r_row, r_col, layout.row_axis) * mu
-    else:
+        u = u / jnp.maximum(_per_layer_rms(u, layout.layer_axes) / hp.clip_threshold, 1.0)
+        mu = _ema(hp.b1, mu, u)
         direction = mu  # no confidence step for unfactored parameters (came_pytorch and SANA)
     return direction, mu, (v_row, v_col, v, r_row, r_col)
 
@@ -417,6 +487,20 @@ def _static_int(name: str, value, minimum: int) -> int:
     if as_int != value or as_int < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return as_int
+
+
+def _check_max_grad_norm(value):
+    """None, or a norm > 0 (a float, or a traced scalar under optax.inject_hyperparams)."""
+    x = None if value is None else _concrete_float(value)
+    if x is not None and not x > 0:
+        raise ValueError(f"max_grad_norm must be None or > 0, got {value!r}")
+    return value
+
+
+def _check_impl(impl) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    return impl
 
 
 def _layer_group(value) -> int:
@@ -546,7 +630,7 @@ def _update_layer_groups(leaf_update, layouts: list[LeafLayout], leaves: list[tu
 
 
 def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | None, moment, state_cls,
-                         layer_group: int):
+                         layer_group: int, max_grad_norm, impl: str):
     """The GradientTransformation of both variants; `moment` says how m is stored, `state_cls` names the fields."""
 
     def init_fn(params):
@@ -556,15 +640,19 @@ def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | No
         stats = [_init_stats(p, layout) for p, layout in zip(leaves, layouts)]
         return state_cls(jnp.zeros([], jnp.int32), *_unzip(treedef, mus, moment.n_fields), *_unzip(treedef, stats, 5))
 
-    def leaf_update(layout, g, *leaf_fields):
-        """(direction, *stored m, *stats) of one leaf."""
-        stored_mu, stats = leaf_fields[:moment.n_fields], tuple(leaf_fields[moment.n_fields:])
-        direction, mu, stats = _came_leaf(g, moment.load(stored_mu, layout), stats, layout, hp)
-        return (direction.astype(g.dtype), *moment.store(mu, layout), *stats)
-
     def update_fn(updates, state, params=None):
         del params
         names, grads, treedef = _flatten(updates)
+        # optax.clip_by_global_norm's norm, applied inside each leaf's passes instead of as a pass of its own
+        clip = None if max_grad_norm is None else (optax.tree.norm(updates), max_grad_norm)
+        sums = _PallasSums(interpret=not on_cuda()) if _resolve_impl(impl) == "pallas" else _XlaSums()
+
+        def leaf_update(layout, g, *leaf_fields):
+            """(direction, *stored m, *stats) of one leaf."""
+            stored_mu, stats = leaf_fields[:moment.n_fields], tuple(leaf_fields[moment.n_fields:])
+            direction, mu, stats = _came_leaf(g, moment.load(stored_mu, layout), stats, layout, hp, clip, sums)
+            return (direction.astype(g.dtype), *moment.store(mu, layout), *stats)
+
         fields = [treedef.flatten_up_to(tree) for tree in state[1:]]
         leaves = [(g, *leaf_fields) for g, *leaf_fields in zip(grads, *fields)]
         layouts = [leaf_layout(name, g.shape, factorization, stacked) for name, g in zip(names, grads)]
@@ -582,6 +670,16 @@ def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | No
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _resolve_impl(impl: str) -> str:
+    """"auto": the Pallas kernels when the update runs on one CUDA GPU. On a mesh of several devices the leaves
+    may be sharded, and XLA's partitioner cannot split a custom call (it would gather every leaf), so XLA."""
+    if impl != "auto":
+        return impl
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = jax.device_count() if mesh.empty else mesh.size
+    return "pallas" if on_cuda() and devices == 1 else "xla"
+
+
 def scale_by_came(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -591,6 +689,8 @@ def scale_by_came(
     factorization: Factorization = "sana",
     stacked: StackedFn | None = None,
     layer_group: int | None = None,
+    max_grad_norm: float | None = None,
+    impl: Impl = "auto",
 ) -> optax.GradientTransformation:
     """CAME's update direction (before learning rate and weight decay), state `ScaleByCameState`.
 
@@ -609,13 +709,20 @@ def scale_by_came(
         tree (what lets Sana-1.5-4.8B train on one 80 GB GPU), at the cost of a loop of small kernels. When n
         does not divide the layer count the last group is smaller. Under optax.inject_hyperparams a given n must
         be listed in static_args.
+      max_grad_norm: None (default), or clip the incoming gradients to this global norm first: the same function
+        as optax.chain(optax.clip_by_global_norm(max_grad_norm), <this>), applied inside CAME's passes over each
+        gradient instead of as a pass of its own (SANA clips at 0.1 before every CAME step).
+      impl: how the factored row and column means are computed. "xla": XLA reductions (any backend; one pass
+        over the gradient per mean). "pallas": sana_jax.came_kernels, both means in one pass (compiled on CUDA
+        GPUs, interpreted elsewhere: slow, for tests); equal up to the order of fp32 sums. "auto" (default):
+        pallas when the update runs on one CUDA GPU, else xla.
     Returns:
       An optax.GradientTransformation; updates have the gradients' dtype, states are fp32.
     """
     hp = _check_hyper(b1, b2, b3, eps, clip_threshold)
     _check_factorization(factorization)
     return _came_transformation(hp, factorization, stacked, _Fp32Moment(), ScaleByCameState,
-                                _layer_group(layer_group))
+                                _layer_group(layer_group), _check_max_grad_norm(max_grad_norm), _check_impl(impl))
 
 
 def scale_by_came_8bit(
@@ -629,6 +736,8 @@ def scale_by_came_8bit(
     block_size: int = 2048,
     min_8bit_size: int = 16384,
     layer_group: int | None = None,
+    max_grad_norm: float | None = None,
+    impl: Impl = "auto",
 ) -> optax.GradientTransformation:
     """`scale_by_came` with SANA-1.5's 8-bit first moment (CAME8BitWrapper), state `ScaleByCame8bitState`.
 
@@ -641,7 +750,7 @@ def scale_by_came_8bit(
     moment = _BlockwiseUint8Moment(_static_int("block_size", block_size, 1),
                                    _static_int("min_8bit_size", min_8bit_size, 0))
     return _came_transformation(hp, factorization, stacked, moment, ScaleByCame8bitState,
-                                _layer_group(layer_group))
+                                _layer_group(layer_group), _check_max_grad_norm(max_grad_norm), _check_impl(impl))
 
 
 def _with_lr_and_decay(direction: optax.GradientTransformation, learning_rate, weight_decay, mask):
@@ -665,12 +774,15 @@ def came(
     factorization: Factorization = "sana",
     stacked: StackedFn | None = None,
     layer_group: int | None = None,
+    max_grad_norm: float | None = None,
+    impl: Impl = "auto",
 ) -> optax.GradientTransformation:
     """CAME as SANA trains with it: p <- p - lr * wd * p - lr * direction (see the module docstring).
 
     Args:
       learning_rate: a float >= 0 or an optax schedule (SANA-1.0: 1e-4, SANA-1.5: 2e-5).
-      b1, b2, b3, eps, clip_threshold, factorization, stacked, layer_group: as `scale_by_came`.
+      b1, b2, b3, eps, clip_threshold, factorization, stacked, layer_group, max_grad_norm, impl: as
+        `scale_by_came`.
       weight_decay: decoupled weight decay, scaled by the learning rate. Default 0.0 (SANA's configs).
       mask: optax mask (tree of bools or a callable on params) of the leaves that weight decay applies to.
     Returns:
@@ -679,7 +791,8 @@ def came(
     Under optax.inject_hyperparams every callable argument is taken for a schedule: list a `stacked` predicate
     or a callable `mask` in static_args.
     """
-    direction = scale_by_came(b1, b2, b3, eps, clip_threshold, factorization, stacked, layer_group)
+    direction = scale_by_came(b1, b2, b3, eps, clip_threshold, factorization, stacked, layer_group, max_grad_norm,
+                              impl)
     return _with_lr_and_decay(direction, learning_rate, weight_decay, mask)
 
 
@@ -698,6 +811,8 @@ def came_8bit(
     block_size: int = 2048,
     min_8bit_size: int = 16384,
     layer_group: int | None = None,
+    max_grad_norm: float | None = None,
+    impl: Impl = "auto",
 ) -> optax.GradientTransformation:
     """CAME-8bit as SANA-1.5 trains with it (CAME8BitWrapper): `came` with a block-wise uint8 first moment.
 
@@ -706,7 +821,7 @@ def came_8bit(
     "layer_group").
     """
     direction = scale_by_came_8bit(b1, b2, b3, eps, clip_threshold, factorization, stacked, block_size,
-                                   min_8bit_size, layer_group)
+                                   min_8bit_size, layer_group, max_grad_norm, impl)
     return _with_lr_and_decay(direction, learning_rate, weight_decay, mask)
 
 

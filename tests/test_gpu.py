@@ -143,3 +143,23 @@ def test_pallas_kernels_in_the_model_match_xla(dtype):
     for ref, got in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
         assert relative_error(ref, got) <= (TOLERANCES["tiny_fp32_grad"] if dtype == "float32"
                                             else TOLERANCES["tiny_bf16"])
+
+
+def test_came_kernels_compiled_match_xla():
+    """sana_jax.came_kernels compiled (what impl="auto" picks on one CUDA GPU) against the XLA reductions, on the
+    awkward leaves of test_optim and on one stacked Sana-1.6B-sized Dense kernel, with SANA's clipping active."""
+    from sana_jax import optim
+    from tests.test_optim import _assert_close_but_flips, _awkward_problem, _came_inner, _final
+
+    assert optim._resolve_impl("auto") == "pallas"
+    params, grads = _awkward_problem()
+    rng = np.random.default_rng(7)
+    params["blocks"]["big"] = {"kernel": jnp.asarray(rng.standard_normal((2, 2240, 5600)) * 0.02, jnp.float32)}
+    for g in grads:
+        g["blocks"]["big"] = {"kernel": jnp.asarray(rng.standard_normal((2, 2240, 5600)) * 1e-3, jnp.float32)}
+    # lr 1e-2 as test_optim: a code that rounds the other way must move its element past the flip-site bound
+    for make in (lambda impl: optim.came(1e-2, max_grad_norm=0.1, impl=impl),
+                 lambda impl: optim.came_8bit(1e-2, max_grad_norm=0.1, impl=impl)):
+        ref_params, _ = _final(make("xla"), params, grads)
+        out_params, out_state = _final(make("auto"), params, grads)
+        _assert_close_but_flips("compiled came kernels vs xla", ref_params, out_params, _came_inner(out_state).mu)

@@ -84,10 +84,11 @@ def _leaf(tree, name: str):
     return tree
 
 
-def _fixture_tx(meta, eight_bit: bool, layer_group: int | None = None):
+def _fixture_tx(meta, eight_bit: bool, layer_group: int | None = None, impl: str = "xla"):
     ctor = meta["came8bit_ctor" if eight_bit else "came_ctor"]
     kwargs = dict(b1=ctor["betas"][0], b2=ctor["betas"][1], b3=ctor["betas"][2], eps=tuple(ctor["eps"]),
-                  clip_threshold=ctor["clip_threshold"], weight_decay=ctor["weight_decay"], layer_group=layer_group)
+                  clip_threshold=ctor["clip_threshold"], weight_decay=ctor["weight_decay"], layer_group=layer_group,
+                  impl=impl)
     if eight_bit:
         return optim.came_8bit(ctor["lr"], block_size=ctor["block_size"], min_8bit_size=ctor["min_8bit_size"],
                                **kwargs)
@@ -120,10 +121,12 @@ def _came_inner(state):
     return state[0]
 
 
-def test_came_matches_original_every_step(came_fixture):
+# "pallas": sana_jax.came_kernels, interpreted on the CPU (the compiled kernels: tests/test_gpu.py).
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_came_matches_original_every_step(came_fixture, impl):
     tensors, meta = came_fixture
     params = _tree(lambda n: tensors[f"init.{n}"])
-    run = _run(_fixture_tx(meta, False), params, lambda k: _tree(lambda n: tensors[f"grad.{k}.{n}"]))
+    run = _run(_fixture_tx(meta, False, impl=impl), params, lambda k: _tree(lambda n: tensors[f"grad.{k}.{n}"]))
     worst = {}
     for k, params, state in run:
         for name in _FIXTURE_LEAVES:
@@ -171,10 +174,11 @@ def _flip_aware_check(name: str, ref: np.ndarray, out: np.ndarray) -> tuple[floa
     return float(rel.max()), len(sites)
 
 
-def test_came_8bit_matches_original_every_step(came_fixture):
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_came_8bit_matches_original_every_step(came_fixture, impl):
     tensors, meta = came_fixture
     params = _tree(lambda n: tensors[f"init.{n}"])
-    run = _run(_fixture_tx(meta, True), params, lambda k: _tree(lambda n: tensors[f"grad.{k}.{n}"]))
+    run = _run(_fixture_tx(meta, True, impl=impl), params, lambda k: _tree(lambda n: tensors[f"grad.{k}.{n}"]))
     worst, most_off = {}, {}
     for k, params, state in run:
         for name in _FIXTURE_LEAVES:
@@ -609,6 +613,96 @@ def test_multisteps_and_chain():
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out))
 
 
+def _awkward_problem(dtype=jnp.float32, steps: int = 3):
+    """Every kind of leaf the kernels see, at sizes that are no multiple of their tiles (32 rows, 256 columns):
+    stacked Dense kernels (rows last), a scale_shift_table (rows first), a stacked 1x1 conv, unfactored leaves.
+    The first step's gradients have a row of exact zeros in every matrix, the second's a column."""
+    rng = np.random.default_rng(5)
+    shapes = {"blocks": {"fc": {"kernel": (2, 70, 300), "bias": (2, 300)}, "conv1x1": {"kernel": (2, 1, 1, 33, 40)},
+                         "scale_shift_table": (2, 6, 37)},
+              "proj": {"kernel": (5, 258)}, "conv": {"kernel": (3, 3, 1, 8)}}
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)  # noqa: E731
+
+    def draw(shape, step):
+        x = rng.standard_normal(shape)
+        if len(shape) >= 2 and min(shape[-2:]) > 2 and step < 2:
+            x[(..., 1, slice(None)) if step == 0 else (..., slice(None), 2)] = 0.0
+        return jnp.asarray(x, dtype)
+
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s), dtype), shapes, is_leaf=is_shape)
+    grads = [jax.tree.map(lambda s: draw(s, step), shapes, is_leaf=is_shape) for step in range(steps)]
+    return params, grads
+
+
+def _assert_close_but_flips(name: str, ref_params, out_params, eight_bit_mu) -> None:
+    """Params within came_fp32, except the leaves whose m is 8-bit: each of their matrices within
+    `_flip_aware_check` (a code that rounds the other way moves its row and column)."""
+    for (path, a), b, mu in zip(jax.tree_util.tree_leaves_with_path(ref_params), jax.tree.leaves(out_params),
+                                jax.tree.leaves(eight_bit_mu)):
+        if mu.dtype != jnp.uint8:
+            assert_close(f"{name} {jax.tree_util.keystr(path)}", a, b, "came_fp32")
+            continue
+        ref, out = (np.asarray(x).reshape(-1, *x.shape[-2:]) for x in (a, b))
+        for i in range(ref.shape[0]):
+            _flip_aware_check(f"{name} {jax.tree_util.keystr(path)}[{i}]", ref[i], out[i])
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0, 1e6], ids=["no_clip", "clipping", "norm_below_max"])
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["came", "came8bit"])
+def test_pallas_kernels_match_xla(eight_bit, max_grad_norm):
+    """sana_jax.came_kernels (interpreted) against the XLA reductions: params and every state field after 3 steps,
+    with the clipping inside the kernels active, inactive, or absent. With clipping also under layer groups, on
+    'last_two' layouts and with bf16 params."""
+    params, grads = _awkward_problem()
+
+    def make(impl, **kwargs):
+        if eight_bit:
+            return optim.came_8bit(1e-2, block_size=16, min_8bit_size=100, max_grad_norm=max_grad_norm, impl=impl,
+                                   **kwargs)
+        return optim.came(1e-2, weight_decay=1e-2, max_grad_norm=max_grad_norm, impl=impl, **kwargs)
+
+    ref_params, ref_state = _final(make("xla"), params, grads)
+    variants = {"sana": {}, "layer_group=1": {"layer_group": 1}} if max_grad_norm == 1.0 else {"sana": {}}
+    for name, kwargs in variants.items():
+        out_params, out_state = _final(make("pallas", **kwargs), params, grads)
+        _assert_close_but_flips(f"pallas vs xla, {name}: params", ref_params, out_params,
+                                _came_inner(out_state).mu)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_state), jax.tree.leaves(out_state)):
+            if a.dtype == jnp.uint8:  # a code may round the other way at a half-quantum (_flip_aware_check)
+                assert np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32)).max() <= 1, path
+            elif a.dtype != jnp.int32 and not eight_bit:  # the 8-bit r statistics follow any flipped code
+                assert_close(f"pallas vs xla, {name}: state {jax.tree_util.keystr(path)}", a, b, "came_fp32")
+    if max_grad_norm != 1.0 or eight_bit:
+        return
+    torch_layout = {"w": grads[0]["blocks"]["fc"]["kernel"][0], "conv": jnp.transpose(grads[0]["conv"]["kernel"])}
+    ref, out = (_final(optim.came(1e-2, factorization="last_two", max_grad_norm=max_grad_norm, impl=impl),
+                       torch_layout, [torch_layout] * 2)[0] for impl in ("xla", "pallas"))
+    _assert_trees_close("pallas vs xla, last_two", ref, out)
+    half, half_grads = _awkward_problem(jnp.bfloat16, steps=2)
+    _assert_trees_close("pallas vs xla, bf16 params", _final(make("xla"), half, half_grads)[0],
+                        _final(make("pallas"), half, half_grads)[0], "tiny_bf16")
+
+
+def test_max_grad_norm_is_clip_by_global_norm_in_front():
+    """came(max_grad_norm=c) is optax.chain(optax.clip_by_global_norm(c), came()), whether the norm is above c
+    (every gradient scaled) or below it (none)."""
+    params, grads = _small_problem()
+    for max_norm in (0.5, 1e6):
+        for make in (lambda **k: optim.came(1e-2, weight_decay=1e-2, **k),
+                     lambda **k: optim.came_8bit(1e-2, block_size=8, min_8bit_size=100, **k)):
+            ref = _final(optax.chain(optax.clip_by_global_norm(max_norm), make()), params, grads)[0]
+            _assert_trees_close(f"max_grad_norm={max_norm}", ref, _final(make(max_grad_norm=max_norm), params,
+                                                                        grads)[0])
+    unclipped = _final(optim.came(1e-2), params, grads)[0]
+    clipped = _final(optim.came(1e-2, max_grad_norm=0.5), params, grads)[0]
+    assert not np.allclose(unclipped["conv"]["kernel"], clipped["conv"]["kernel"])  # the clip did something
+
+
+def test_auto_impl_is_xla_off_cuda():
+    assert optim._resolve_impl("auto") == "xla"  # this CPU machine; test_gpu.py checks the CUDA side
+    assert optim._resolve_impl("pallas") == "pallas"
+
+
 def test_weight_decay_is_decoupled_and_masked():
     """Zero gradients leave only the decay: p (1 - lr wd) where the mask is True, p elsewhere."""
     params, _ = _small_problem(steps=0)
@@ -646,6 +740,8 @@ def test_bf16_params_keep_fp32_state():
     ({"block_size": 0}, "block_size"),
     ({"min_8bit_size": 1.5}, "min_8bit_size"),
     ({"layer_group": 0}, "layer_group"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm"),
+    ({"impl": "triton"}, "impl"),
 ], ids=lambda x: str(x) if isinstance(x, str) else None)
 def test_bad_arguments_raise(kwargs, match):
     kwargs = {"learning_rate": 1e-4, **kwargs}

@@ -44,6 +44,9 @@ class OptimConfig:
     # last group is smaller if it does not divide the depth); 0 updates every leaf at once. Same maths, less
     # memory: what fits Sana-1.5-4.8B on one 80 GB GPU.
     layer_group: int = 0
+    # CAME / CAME-8bit's factored row and column means (optim.scale_by_came `impl`): "auto" = the Pallas kernels
+    # of sana_jax.came_kernels on one CUDA GPU (one pass over each gradient for both), else XLA reductions.
+    came_impl: Literal["auto", "xla", "pallas"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,8 @@ class TrainConfig:
             fail(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
         if not 0.0 <= self.flow.caption_dropout < 1.0:
             fail(f"flow.caption_dropout must be in [0, 1), got {self.flow.caption_dropout}")
+        if self.optim.came_impl not in ("auto", "xla", "pallas"):
+            fail(f"optim.came_impl must be auto, xla or pallas, got {self.optim.came_impl!r}")
         if self.optim.layer_group < 0:
             fail(f"optim.layer_group must be >= 0 (0: every layer at once), got {self.optim.layer_group}")
         if self.flow.shift <= 0:

@@ -30,19 +30,24 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm -> CAME / CAME-8bit / AdamW with linear warmup to a constant lr; MultiSteps if accum."""
+    """clip_by_global_norm -> CAME / CAME-8bit / AdamW with linear warmup to a constant lr; MultiSteps if accum.
+
+    CAME takes the clipping as its `max_grad_norm` (the same function as chaining optax.clip_by_global_norm in
+    front, without a pass over the gradients of its own)."""
     o = cfg.optim
     lr = optax.warmup_constant_schedule(0.0, cfg.effective_lr, max(o.warmup_steps, 1)) if o.warmup_steps else \
         cfg.effective_lr
+    came_args = dict(weight_decay=o.weight_decay, layer_group=o.layer_group or None,
+                     max_grad_norm=o.clip_grad_norm or None, impl=o.came_impl)
     if o.name == "came":
-        base = optim.came(lr, weight_decay=o.weight_decay, layer_group=o.layer_group or None)
+        tx = optim.came(lr, **came_args)
     elif o.name == "came_8bit":
-        base = optim.came_8bit(lr, weight_decay=o.weight_decay, layer_group=o.layer_group or None)
+        tx = optim.came_8bit(lr, **came_args)
     elif o.name == "adamw":
-        base = optax.adamw(lr, weight_decay=o.weight_decay)
+        tx = optax.adamw(lr, weight_decay=o.weight_decay)
+        tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx) if o.clip_grad_norm else tx
     else:
         raise ValueError(f"optim.name must be came, came_8bit or adamw, got {o.name!r}")
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), base) if o.clip_grad_norm else base
     return optax.MultiSteps(tx, every_k_schedule=o.grad_accum) if o.grad_accum > 1 else tx
 
 
