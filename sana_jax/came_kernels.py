@@ -42,8 +42,7 @@ def _walk_columns(step, rows: int, cols: int):
     """Runs step(tile_at, ok, column_sums_at, i) -> row sums [_ROWS] over this program's column steps and returns
     (their total, the first row of the program's rows in the [N*A, B] view, their in-bounds mask).
 
-    tile_at(ref, offset=0): the [_ROWS, _COLS] tile of step i of a [N*A, B] ref whose matrices start `offset`
-    matrices in (a static int), `ok` its in-bounds mask;
+    tile_at(ref): the [_ROWS, _COLS] tile of step i of a [N*A, B] ref, `ok` its in-bounds mask;
     column_sums_at(ref, values [_COLS]): stores the tile's sums over its rows as this program's partial (row
     `matrix * blocks + block` of a [N*blocks, B] ref)."""
     from jax.experimental.pallas import triton as plgpu
@@ -57,8 +56,8 @@ def _walk_columns(step, rows: int, cols: int):
         col_ok = i * _COLS + jnp.arange(_COLS) < cols
         ok = row_ok[:, None] & col_ok[None, :]
 
-        def tile_at(ref, offset=0):
-            return ref.at[pl.ds(offset * rows + first, _ROWS), pl.ds(i * _COLS, _COLS)]
+        def tile_at(ref):
+            return ref.at[pl.ds(first, _ROWS), pl.ds(i * _COLS, _COLS)]
 
         def column_sums_at(ref, values):
             plgpu.store(ref.at[pl.ds(part, 1), pl.ds(i * _COLS, _COLS)], values[None, :], mask=col_ok[None, :])
@@ -86,7 +85,7 @@ def _square_sums_kernel(g_ref, scalars_ref, sum_b_ref, sum_a_ref, *, rows, cols,
 
 
 def _confidence_kernel(g_ref, mu_ref, f_a_ref, f_b_ref, divisor_ref, scalars_ref, mu_out_ref, sum_b_ref, sum_a_ref,
-                       *, rows, cols, clipping, mu_offset):
+                       *, rows, cols, clipping):
     from jax.experimental.pallas import triton as plgpu
 
     matrix, block = pl.program_id(0), pl.program_id(1)
@@ -99,10 +98,10 @@ def _confidence_kernel(g_ref, mu_ref, f_a_ref, f_b_ref, divisor_ref, scalars_ref
         f_b = plgpu.load(f_b_ref.at[pl.ds(matrix * cols + i * _COLS, _COLS)],
                          mask=i * _COLS + jnp.arange(_COLS) < cols, other=0)
         g = plgpu.load(tile_at(g_ref), mask=ok, other=0).astype(jnp.float32)
-        mu = plgpu.load(tile_at(mu_ref, mu_offset), mask=ok, other=0)
+        mu = plgpu.load(tile_at(mu_ref), mask=ok, other=0)
         u = (f_a[:, None] * f_b[None, :]) * _clip(g, scalars_ref, clipping) / divisor
         mu = (1.0 - b1) * u + b1 * mu  # sana_jax.optim._ema
-        plgpu.store(tile_at(mu_out_ref, mu_offset), mu, mask=ok)
+        plgpu.store(tile_at(mu_out_ref), mu, mask=ok)
         res = jnp.where(ok, jnp.square(u - mu) + eps2, 0.0)
         column_sums_at(sum_a_ref, jnp.sum(res, axis=0))
         return jnp.sum(res, axis=1)
@@ -165,31 +164,25 @@ def square_sums(g: Array, eps1, clip: tuple[Array, Array] | None = None, interpr
 
 
 def confidence(g: Array, mu: Array, f_a: Array, f_b: Array, divisor: Array, b1, eps2,
-               clip: tuple[Array, Array] | None = None, interpret: bool = False, mu_offset: int = 0):
+               clip: tuple[Array, Array] | None = None, interpret: bool = False):
     """CAME's first-moment update and the sums of its instability, in one pass over g and m.
 
     u = (f_a f_b) clip(g) / divisor;  m' = (1 - b1) u + b1 m;  s = (u - m')^2 + eps2.
 
     Args:
-      g: [..., A, B] gradient (fp32 or 16-bit; computed in fp32).
-      mu: [..., A, B] fp32 first moment holding g's N matrices from matrix `mu_offset` of its [M, A, B] view
-        (so one layer of a stacked m is updated in place, the rest of the buffer untouched); its buffer is reused.
-      f_a: [N, A] and f_b: [N, B] fp32 factors along A and B (N = the product of g's leading axes).
+      g: [..., A, B] gradient; mu: [..., A, B] fp32 first moment (its buffer is reused for m').
+      f_a: [N, A] and f_b: [N, B] fp32 factors along A and B (N = the product of the leading axes).
       divisor: [N] fp32, the RMS clip divisor of each matrix's layer.
       b1, eps2: floats or traced scalars. clip, interpret: as `square_sums`.
     Returns:
-      (mu with m' in g's matrices, sums of s over B [N, A], over A [N, B]).
+      (m' shaped like mu, sums of s over B [N, A], over A [N, B]).
     """
     n, a, b = _matrices(g)
-    m = _matrices(mu)[0]
-    if mu.shape[-2:] != g.shape[-2:] or not 0 <= mu_offset <= m - n:
-        raise ValueError(f"m of shape {mu.shape} cannot hold the {n} matrices of a gradient of shape {g.shape} from "
-                         f"matrix {mu_offset}")
-    kernel = functools.partial(_confidence_kernel, rows=a, cols=b, clipping=clip is not None, mu_offset=mu_offset)
-    inputs = [g.reshape(n * a, b), mu.reshape(m * a, b), f_a.reshape(n * a).astype(jnp.float32),
+    kernel = functools.partial(_confidence_kernel, rows=a, cols=b, clipping=clip is not None)
+    inputs = [g.reshape(n * a, b), mu.reshape(n * a, b), f_a.reshape(n * a).astype(jnp.float32),
               f_b.reshape(n * b).astype(jnp.float32), divisor.reshape(n).astype(jnp.float32),
               _scalars(clip, b1, eps2)]
     mu_new, sum_b, sum_a = _sums_call(kernel, "came_confidence", inputs, n, a, b,
-                                      extra_out=(jax.ShapeDtypeStruct((m * a, b), jnp.float32),), aliases={1: 0},
+                                      extra_out=(jax.ShapeDtypeStruct((n * a, b), jnp.float32),), aliases={1: 0},
                                       interpret=interpret)
     return mu_new.reshape(mu.shape), sum_b, sum_a

@@ -343,11 +343,11 @@ Clip = tuple[Array, Array] | None  # (global norm of the gradients, max norm), o
 
 
 def _clipped(g: Array, clip: Clip) -> Array:
-    """optax.clip_by_global_norm's formula on one leaf (in the leaf's dtype, as optax), then fp32."""
-    if clip is not None:
-        norm, max_norm = clip
-        g = jax.lax.select(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm)
-    return g.astype(jnp.float32)
+    """optax.clip_by_global_norm's formula on one leaf (in the leaf's dtype, as optax)."""
+    if clip is None:
+        return g
+    norm, max_norm = clip
+    return jax.lax.select(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,13 +357,13 @@ class _XlaSums:
 
     def second_moment(self, g: Array, clip: Clip, eps1, layout: LeafLayout) -> tuple[Array, Array]:
         """(means over the column axis, over the row axis) of clip(g)^2 + eps1, keepdims, fp32."""
-        u = jnp.square(_clipped(g, clip)) + eps1
+        u = jnp.square(_clipped(g, clip).astype(jnp.float32)) + eps1
         return jnp.mean(u, axis=layout.col_axis, keepdims=True), jnp.mean(u, axis=layout.row_axis, keepdims=True)
 
     def confidence(self, g: Array, clip: Clip, mu: Array, f_row: Array, f_col: Array, divisor: Array, b1, eps2,
                    layout: LeafLayout) -> tuple[Array, Array, Array]:
         """(m' = ema(b1, m, u), row and column means of (u - m')^2 + eps2) with u = (f_row f_col) clip(g) / divisor."""
-        u = (f_row * f_col) * _clipped(g, clip) / divisor
+        u = (f_row * f_col) * _clipped(g, clip).astype(jnp.float32) / divisor
         mu = _ema(b1, mu, u)
         res = jnp.square(u - mu) + eps2  # instability, with the fp32 m of this step (also under 8-bit)
         return mu, jnp.mean(res, axis=layout.col_axis, keepdims=True), jnp.mean(res, axis=layout.row_axis,
@@ -392,30 +392,13 @@ class _PallasSums:
         over_a = (sum_a / a).reshape(g.shape[:-2] + (1, b))
         return (over_a, over_b) if self._row_axis_is_last(g, layout) else (over_b, over_a)
 
-    # Stacked leaves go one layer per kernel call: when the blocks' scan is unrolled each layer's gradient is its
-    # own buffer, which a call on g[l] reads where it lies (a call on the stack would first copy every layer into
-    # one array), and m is updated in place in its stacked buffer (mu_offset).
-
     def second_moment(self, g, clip, eps1, layout):
-        layers = g.shape[0] if layout.layer_axes else 1
-        parts = [came_kernels.square_sums(g[i] if layout.layer_axes else g, eps1, clip, self.interpret)
-                 for i in range(layers)]
-        sum_b, sum_a = (jnp.concatenate(sums) for sums in zip(*parts))
-        return self._means(g, sum_b, sum_a, layout)
+        return self._means(g, *came_kernels.square_sums(g, eps1, clip, self.interpret), layout)
 
     def confidence(self, g, clip, mu, f_row, f_col, divisor, b1, eps2, layout):
         f_a, f_b = (f_col, f_row) if self._row_axis_is_last(g, layout) else (f_row, f_col)
         divisor = jnp.broadcast_to(divisor, g.shape[:-2] + (1, 1))
-        if not layout.layer_axes:
-            mu, sum_b, sum_a = came_kernels.confidence(g, mu, f_a, f_b, divisor, b1, eps2, clip, self.interpret)
-            return (mu, *self._means(g, sum_b, sum_a, layout))
-        matrices_per_layer = math.prod(g.shape[1:-2])
-        parts = []
-        for i in range(g.shape[0]):
-            mu, *sums = came_kernels.confidence(g[i], mu, f_a[i], f_b[i], divisor[i], b1, eps2, clip, self.interpret,
-                                                mu_offset=i * matrices_per_layer)
-            parts.append(sums)
-        sum_b, sum_a = (jnp.concatenate(sums) for sums in zip(*parts))
+        mu, sum_b, sum_a = came_kernels.confidence(g, mu, f_a, f_b, divisor, b1, eps2, clip, self.interpret)
         return (mu, *self._means(g, sum_b, sum_a, layout))
 
 
@@ -428,7 +411,7 @@ def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout
         v_row = _ema(hp.b2, v_row, row_mean)
         v_col = _ema(hp.b2, v_col, col_mean)
         f_row, f_col = _rsqrt_factors(v_row, v_col, layout.row_axis)
-        scaled = (f_row * f_col) * _clipped(g, clip)
+        scaled = (f_row * f_col) * _clipped(g, clip).astype(jnp.float32)
         divisor = jnp.maximum(_per_layer_rms(scaled, layout.layer_axes) / hp.clip_threshold, 1.0)
         mu, res_row, res_col = sums.confidence(g, clip, mu, f_row, f_col, divisor, hp.b1, hp.eps2, layout)
         r_row = _ema(hp.b3, r_row, res_row)
@@ -436,7 +419,7 @@ def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout
         f_row, f_col = _rsqrt_factors(r_row, r_col, layout.row_axis)
         direction = (f_row * f_col) * mu
     else:
-        g = _clipped(g, clip)
+        g = _clipped(g, clip).astype(jnp.float32)
         v = _ema(hp.b2, v, jnp.square(g) + hp.eps1)
         u = jax.lax.rsqrt(v) * g
         u = u / jnp.maximum(_per_layer_rms(u, layout.layer_axes) / hp.clip_threshold, 1.0)
