@@ -151,7 +151,7 @@ def test_came_kernels_compiled_match_xla():
     from sana_jax import optim
     from tests.test_optim import _assert_close_but_flips, _awkward_problem, _came_inner, _final
 
-    assert optim._resolve_impl("auto") == "pallas"
+    assert optim._resolve_impl("auto") == "pallas" and optim._resolve_impl("auto", layer_group=6) == "xla"
     params, grads = _awkward_problem()
     rng = np.random.default_rng(7)
     params["blocks"]["big"] = {"kernel": jnp.asarray(rng.standard_normal((2, 2240, 5600)) * 0.02, jnp.float32)}

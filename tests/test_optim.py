@@ -700,7 +700,7 @@ def test_max_grad_norm_is_clip_by_global_norm_in_front():
 
 def test_auto_impl_is_xla_off_cuda():
     assert optim._resolve_impl("auto") == "xla"  # this CPU machine; test_gpu.py checks the CUDA side
-    assert optim._resolve_impl("pallas") == "pallas"
+    assert optim._resolve_impl("pallas") == "pallas" and optim._resolve_impl("pallas", layer_group=2) == "pallas"
 
 
 def test_weight_decay_is_decoupled_and_masked():

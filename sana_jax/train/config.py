@@ -45,7 +45,8 @@ class OptimConfig:
     # memory: what fits Sana-1.5-4.8B on one 80 GB GPU.
     layer_group: int = 0
     # CAME / CAME-8bit's factored row and column means (optim.scale_by_came `impl`): "auto" = the Pallas kernels
-    # of sana_jax.came_kernels on one CUDA GPU (one pass over each gradient for both), else XLA reductions.
+    # of sana_jax.came_kernels on one CUDA GPU without layer groups (one pass over each gradient for both), else
+    # XLA reductions. Same maths up to the order of fp32 sums.
     came_impl: Literal["auto", "xla", "pallas"] = "auto"
 
 
