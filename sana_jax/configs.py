@@ -55,8 +55,8 @@ class SanaConfig:
     # The blocks run under nn.scan (parameters stacked [depth, ...] either way). False: one loop over the blocks.
     # True: the scan fully unrolled, so XLA sees each block's weights and saved activations as their own buffers,
     # with no per-block copies into and out of stacked arrays (H100, 1.6B b8 dots_saveable training step: 217 ->
-    # 177 ms, compile 53 -> 60 s, peak 28.6 -> 32.8 GiB). Not yet the default: forward, generation and the 4.8B
-    # memory have not been measured with it.
+    # 177 ms, compile 53 -> 60 s, peak 28.6 -> 32.8 GiB). Not the default: the unrolled 1.6B forward at b32 did not
+    # finish compiling and timing within 160 s (38 s scanned), and the 4.8B memory was not measured with it.
     unroll_blocks: bool = False
     # Cross-attention kernel. "xla": einsums + fp32 softmax, any backend and dtype. "cudnn": cuDNN flash attention
     # (CUDA GPUs, bf16/fp16 compute; logits stay fp32 inside the kernel, the [B, H, N, L] probabilities are never
