@@ -36,6 +36,9 @@ JAX_OPTIMIZERS = {
     "optax.adafactor": lambda: optax.adafactor(LR),
     "sana_jax.optim.came": lambda: optim.came(LR),
     "sana_jax.optim.came_8bit": lambda: optim.came_8bit(LR),
+    # impl="auto" above is the Pallas kernels of sana_jax.came_kernels on one CUDA GPU; these are XLA's reductions
+    "sana_jax.optim.came[xla]": lambda: optim.came(LR, impl="xla"),
+    "sana_jax.optim.came_8bit[xla]": lambda: optim.came_8bit(LR, impl="xla"),
 }
 
 

@@ -25,9 +25,10 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-# The `name=` of the model's pallas_calls (sana_jax.glu_conv, sana_jax.linear_attention): their kernels keep it.
+# The `name=` of the pallas_calls of the model (sana_jax.glu_conv, sana_jax.linear_attention) and of CAME
+# (sana_jax.came_kernels): their kernels keep it.
 PALLAS_KERNELS = ("silu_glu_dwconv", "glu_dwconv_bwd_total", "glu_dwconv_bwd_input", "litela_state", "litela_output",
-                  "litela_query_grad", "litela_key_grad")
+                  "litela_query_grad", "litela_key_grad", "came_square_sums", "came_confidence")
 
 
 def category(name: str) -> str:

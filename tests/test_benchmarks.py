@@ -66,14 +66,15 @@ def test_profile_attributes_ops_to_passes_and_parts_of_the_model():
 
 
 def test_profile_names_every_pallas_kernel_of_the_model():
-    """profile_jax's "pallas" category lists exactly the `name=` of the model's pallas_calls (lowered for CUDA)."""
+    """profile_jax's "pallas" category lists exactly the `name=` of the model's and CAME's pallas_calls (lowered
+    for CUDA)."""
     import re
 
     import jax
     import jax.numpy as jnp
 
     from benchmarks.profile_jax import PALLAS_KERNELS
-    from sana_jax import glu_conv, linear_attention
+    from sana_jax import came_kernels, glu_conv, linear_attention
 
     glu_args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((1, 3, 5, 160), (160,), (3, 3, 160), (160,))]
     glu = lambda *a: glu_conv.silu_glu_dwconv_pallas(*a, False)  # noqa: E731
@@ -83,8 +84,12 @@ def test_profile_names_every_pallas_kernel_of_the_model():
     def litela(a):  # two heads of 32 channels from packed qkv columns
         return linear_attention.relu_linear_attention_pallas((a,), ((0, 0), (0, 64), (0, 128)), 2, 32, 1e-8, False)
 
+    grad = jax.ShapeDtypeStruct((2, 40, 300), jnp.float32)
+    factors = [jnp.ones((2, 40)), jnp.ones((2, 300)), jnp.ones((2,))]
     programs = [(glu, glu_args), (lambda *a: jax.vjp(glu, *a)[1](cotangent), glu_args),
-                (litela, [qkv]), (lambda a: jax.vjp(litela, a)[1](jnp.zeros((1, 70, 64), jnp.bfloat16)), [qkv])]
+                (litela, [qkv]), (lambda a: jax.vjp(litela, a)[1](jnp.zeros((1, 70, 64), jnp.bfloat16)), [qkv]),
+                (lambda g: came_kernels.square_sums(g, 1e-30), [grad]),
+                (lambda g, m: came_kernels.confidence(g, m, *factors, 0.9, 1e-16), [grad, grad])]
     names = set()
     for fn, args in programs:
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
