@@ -13,16 +13,20 @@ clip(g) is optax.clip_by_global_norm's select(norm < max_norm, g, (g / norm) * m
 
 Each program takes `_ROWS` rows of one matrix and walks their columns `_COLS` at a time: its sums over B are
 complete; its sums over A cover its rows only and are added up outside, in a fixed order. Every element is
-computed with the same fp32 operations as the XLA sibling in sana_jax.optim; only the order of the sums differs.
+computed with the same fp32 operations as the XLA sibling in sana_jax.optim (16-bit gradients are clipped after
+their widening to fp32 here, before it there); only the order of the sums differs.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from sana_jax.ops import triton_params
 
 Array = jax.Array
 
@@ -110,21 +114,11 @@ def _confidence_kernel(g_ref, mu_ref, f_a_ref, f_b_ref, divisor_ref, scalars_ref
     plgpu.store(sum_b_ref.at[pl.ds(first, _ROWS)], sum_b, mask=row_ok)
 
 
-def _compiler_params(interpret: bool):
-    from jax.experimental.pallas import triton as plgpu
-
-    # Named Triton params: without them Pallas picks Mosaic GPU (jax_pallas_use_mosaic_gpu), which cannot lower these.
-    return None if interpret else plgpu.CompilerParams()
-
-
 def _matrices(x: Array) -> tuple[int, int, int]:
     """(N, A, B) of the [N, A, B] view of x (x has >= 2 axes)."""
     if x.ndim < 2:
         raise ValueError(f"a factored CAME leaf has at least 2 axes, got shape {x.shape}")
-    n = 1
-    for d in x.shape[:-2]:
-        n *= d
-    return n, x.shape[-2], x.shape[-1]
+    return math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1]
 
 
 def _scalars(clip: tuple[Array, Array] | None, *values) -> Array:
@@ -143,7 +137,7 @@ def _sums_call(kernel, name: str, inputs: list[Array], n: int, a: int, b: int, e
     *extra, sum_b, partial_a = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(n, blocks), in_specs=[any_spec] * len(inputs),
         out_specs=(any_spec,) * len(out_shape), input_output_aliases=aliases or {},
-        compiler_params=_compiler_params(interpret), interpret=interpret, name=name,
+        compiler_params=triton_params(interpret), interpret=interpret, name=name,
     )(*inputs)
     return (*extra, sum_b.reshape(n, a), partial_a.reshape(n, blocks, b).sum(axis=1))
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from sana_jax.ops import triton_params
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -203,14 +205,6 @@ def _key_grad_kernel(k_ref, v_ref, dh_ref, dz_ref, *buffers, tokens, heads, head
         plgpu.store(at, value.astype(out.dtype), mask=ok)
 
 
-def _compiler_params(interpret: bool):
-    from jax.experimental.pallas import triton as plgpu
-
-    # Triton's defaults (4 warps), named: without compiler params Pallas picks its GPU backend from the
-    # jax_pallas_use_mosaic_gpu flag, True by default in jax 0.10, and Mosaic GPU cannot lower these Triton kernels.
-    return None if interpret else plgpu.CompilerParams()
-
-
 def _flat(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0] * a.shape[1], a.shape[2])  # [B, N, W] -> [B*N, W]
 
@@ -227,7 +221,7 @@ def _state(sources, layout, heads, head_dim, interpret):
         out_shape=(jax.ShapeDtypeStruct((splits * batch * heads * width, width), jnp.float32),
                    jax.ShapeDtypeStruct((splits * batch * heads, width), jnp.float32)),
         grid=(splits, batch * heads), in_specs=[any_spec] * 2, out_specs=(any_spec, any_spec),
-        compiler_params=_compiler_params(interpret), interpret=interpret, name="litela_state",
+        compiler_params=triton_params(interpret), interpret=interpret, name="litela_state",
     )(_flat(sources[k_slot]), _flat(sources[v_slot]))
     return _sum_splits(h, z, splits, width)
 
@@ -242,7 +236,7 @@ def _pallas_forward(sources, layout, heads, head_dim, eps, interpret):
         functools.partial(_output_kernel, tokens=tokens, heads=heads, head_dim=head_dim, q_col=q_col, eps=eps),
         out_shape=jax.ShapeDtypeStruct((batch * tokens, heads * head_dim), sources[v_slot].dtype),
         grid=(pl.cdiv(tokens, _TOKENS_PER_STEP), batch * heads), in_specs=[any_spec] * 3, out_specs=any_spec,
-        compiler_params=_compiler_params(interpret), interpret=interpret, name="litela_output",
+        compiler_params=triton_params(interpret), interpret=interpret, name="litela_output",
     )(_flat(sources[q_slot]), h, z)
     return out.reshape(batch, tokens, heads * head_dim), (h, z)
 
@@ -256,7 +250,7 @@ def _pallas_backward(sources, layout, heads, head_dim, eps, interpret, state, co
     width = _head_width(head_dim)
     splits = pl.cdiv(tokens, _TOKENS_PER_SPLIT)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    params = _compiler_params(interpret)
+    params = triton_params(interpret)
     grads = [_flat(jnp.zeros_like(src)) for src in sources]
     h, z = state
     grads[q_slot], dh, dz = pl.pallas_call(

@@ -11,6 +11,15 @@ def on_cuda() -> bool:
     return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
 
 
+def triton_params(interpret: bool):
+    """compiler_params of a Pallas kernel written for Triton: Triton's defaults (4 warps), named, since without
+    compiler params Pallas picks its GPU backend from the jax_pallas_use_mosaic_gpu flag (True by default since jax
+    0.10), and Mosaic GPU cannot lower Triton-style kernels. None when interpreted."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return None if interpret else plgpu.CompilerParams()
+
+
 def accum_dtype(dtype) -> jnp.dtype:
     """Where SANA computes in fp32 whatever the activation dtype (norms, softmax, LiteLA): fp32, or fp64 if higher."""
     return jnp.promote_types(dtype, jnp.float32)
