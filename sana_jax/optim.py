@@ -47,8 +47,8 @@ with the clip applied inside CAME's passes over each gradient. `impl="pallas"` c
 column means of g^2 (and of the instability, together with the update of m) in one read each
 (sana_jax.came_kernels) instead of XLA's one reduction per mean; "auto" uses it on one CUDA GPU. Measured on an
 H100 (benchmarks/RESULTS.md): the full Sana-1.6B update 27.7 -> 21.4 ms, its training step 219.2 -> 215.4 ms with
-the blocks scanned, unchanged (181.7 / 182.7 ms) with them unrolled, where XLA reads the per-layer gradients in
-place and the kernels need them copied into one stack first.
+the blocks scanned, unchanged (181.7 / 182.7 ms) with them unrolled (where, most likely, XLA reads the per-layer
+gradients in place and the kernels need them copied into one stack first).
 
 State layout: every state leaf keeps its parameter's rank; a factored statistic has size 1 on the axis it
 reduces (keepdims), 8-bit block statistics have size 1 on every per-layer axis but the rows, which become the
