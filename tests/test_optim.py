@@ -727,9 +727,14 @@ def test_max_grad_norm_is_clip_by_global_norm_in_front():
     assert not np.allclose(unclipped["conv"]["kernel"], clipped["conv"]["kernel"])  # the clip did something
 
 
-def test_auto_impl_is_xla_off_cuda():
-    assert optim._resolve_impl("auto") == "xla"  # this CPU machine; test_gpu.py checks the CUDA side
+def test_auto_impl_picks_the_kernels_on_one_cuda_gpu_only(monkeypatch):
+    assert optim._resolve_impl("auto") == "xla"  # this CPU machine; test_gpu.py checks a real CUDA GPU
     assert optim._resolve_impl("pallas") == "pallas" and optim._resolve_impl("pallas", layer_group=2) == "pallas"
+    monkeypatch.setattr(optim, "on_cuda", lambda: True)
+    assert optim._resolve_impl("auto") == "pallas"
+    assert optim._resolve_impl("auto", layer_group=2) == "xla"
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("fsdp",))):  # leaves may be sharded
+        assert optim._resolve_impl("auto") == "xla"
 
 
 def test_weight_decay_is_decoupled_and_masked():
