@@ -351,11 +351,11 @@ Clip = tuple[Array, Array] | None  # (global norm of the gradients, max norm), o
 
 
 def _clipped(g: Array, clip: Clip) -> Array:
-    """optax.clip_by_global_norm's formula on one leaf (in the leaf's dtype, as optax)."""
-    if clip is None:
-        return g
-    norm, max_norm = clip
-    return jax.lax.select(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm)
+    """optax.clip_by_global_norm's formula on one leaf (in the leaf's dtype, as optax), widened to fp32."""
+    if clip is not None:
+        norm, max_norm = clip
+        g = jax.lax.select(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm)
+    return g.astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,13 +365,13 @@ class _XlaSums:
 
     def second_moment(self, g: Array, clip: Clip, eps1, layout: LeafLayout) -> tuple[Array, Array]:
         """(means over the column axis, over the row axis) of clip(g)^2 + eps1, keepdims, fp32."""
-        u = jnp.square(_clipped(g, clip).astype(jnp.float32)) + eps1
+        u = jnp.square(_clipped(g, clip)) + eps1
         return jnp.mean(u, axis=layout.col_axis, keepdims=True), jnp.mean(u, axis=layout.row_axis, keepdims=True)
 
     def confidence(self, g: Array, clip: Clip, mu: Array, f_row: Array, f_col: Array, divisor: Array, b1, eps2,
                    layout: LeafLayout) -> tuple[Array, Array, Array]:
         """(m' = ema(b1, m, u), row and column means of (u - m')^2 + eps2) with u = (f_row f_col) clip(g) / divisor."""
-        u = (f_row * f_col) * _clipped(g, clip).astype(jnp.float32) / divisor
+        u = (f_row * f_col) * _clipped(g, clip) / divisor
         mu = _ema(b1, mu, u)
         res = jnp.square(u - mu) + eps2  # instability, with the fp32 m of this step (also under 8-bit)
         return mu, jnp.mean(res, axis=layout.col_axis, keepdims=True), jnp.mean(res, axis=layout.row_axis,
@@ -419,7 +419,7 @@ def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout
         v_row = _ema(hp.b2, v_row, row_mean)
         v_col = _ema(hp.b2, v_col, col_mean)
         f_row, f_col = _rsqrt_factors(v_row, v_col, layout.row_axis)
-        scaled = (f_row * f_col) * _clipped(g, clip).astype(jnp.float32)
+        scaled = (f_row * f_col) * _clipped(g, clip)
         divisor = jnp.maximum(_per_layer_rms(scaled, layout.layer_axes) / hp.clip_threshold, 1.0)
         mu, res_row, res_col = sums.confidence(g, clip, mu, f_row, f_col, divisor, hp.b1, hp.eps2, layout)
         r_row = _ema(hp.b3, r_row, res_row)
@@ -427,7 +427,7 @@ def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout
         f_row, f_col = _rsqrt_factors(r_row, r_col, layout.row_axis)
         direction = (f_row * f_col) * mu
     else:
-        g = _clipped(g, clip).astype(jnp.float32)
+        g = _clipped(g, clip)
         v = _ema(hp.b2, v, jnp.square(g) + hp.eps1)
         u = jax.lax.rsqrt(v) * g
         u = u / jnp.maximum(_per_layer_rms(u, layout.layer_axes) / hp.clip_threshold, 1.0)
