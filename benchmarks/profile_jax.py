@@ -88,10 +88,11 @@ def hlo_op(event: dict) -> str:
 def scope(op_name: str | None) -> str:
     """Which pass and which part of the model an op belongs to, from its JAX op_name: "<pass> <part>" with pass
     forward / backward / recompute (remat) and part attn / cross_attn / mlp / block (norms, modulation, residuals)
-    or "outside" (embedders, loss, optimizer)."""
+    or "outside" (embedders, loss, optimizer). Scanned blocks run in a while loop; unrolled ones
+    (`unroll_blocks`) are named by their module path alone."""
     if not op_name:
         return "unattributed"
-    if "/while/" not in op_name:
+    if "/while/" not in op_name and "/blocks/" not in op_name:
         return "outside"
     step = "recompute" if "rematted_computation" in op_name else "backward" if "transpose(" in op_name else "forward"
     part = re.search(r"blocks/(\w+)", op_name)

@@ -17,6 +17,7 @@ with the ratios (JAX speedup over each anchor).
 
 GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/transformer.py forward
       python3 benchmarks/transformer.py train --models sana_1600m --batches 8 16 --remat none dots_saveable
+      (the fastest 1.6B step measured: --batches 16 --torch-batches 8 --remat none --set unroll_blocks=true)
 CPU smoke test (tiny config, no torch.compile):  python benchmarks/transformer.py forward --tiny
 """
 
@@ -134,7 +135,7 @@ def jax_train(case: dict) -> dict:
     record = {"compile_s": round(time.perf_counter() - start, 2)}
     record["ms"] = median_ms(call, jax.block_until_ready, case["warmup"], case["iters"])
     stats = jax.devices()[0].memory_stats() or {}
-    record["peak_bytes"] = stats.get("peak_bytes_in_use")  # this child's peak over its cases so far
+    record["peak_bytes"] = stats.get("peak_bytes_in_use")  # the child runs this case alone (main)
     return record
 
 
@@ -286,7 +287,9 @@ def plan(args) -> tuple[list[dict], list[dict]]:
 
 
 def summaries(records: list[dict]) -> list[dict]:
-    """Per JAX record: the ratios to the anchors of the same model, mode, size and batch."""
+    """Per JAX record: the ratios to the anchors of the same model, mode and size: the speedup at the same batch,
+    and the ratio of images per second to an anchor at another batch (JAX at its largest batch that fits against
+    the anchor at DESIGN.md's b8)."""
     out = []
     for rec in records:
         if rec.get("impl") != "jax" or not rec.get("ms"):
@@ -296,10 +299,15 @@ def summaries(records: list[dict]) -> list[dict]:
                    "batch": rec["batch"], "jax_ms": rec["ms"], "jax_mfu": rec["mfu"]}
         summary.update({field: rec[field] for field in ("remat", "layer_group") if field in rec})
         for ref in records:
-            if ref.get("impl", "jax") != "jax" and ref.get("ms") and \
-                    (ref["model"], ref["mode"], ref["size"], ref["batch"]) == case:
+            if ref.get("impl", "jax") == "jax" or not ref.get("ms") or \
+                    (ref["model"], ref["mode"], ref["size"]) != case[:3]:
+                continue
+            if ref["batch"] == rec["batch"]:
                 summary[f"{ref['impl']}_ms"] = ref["ms"]
                 summary[f"speedup_vs_{ref['impl']}"] = round(ref["ms"] / rec["ms"], 3)
+            else:
+                summary[f"throughput_vs_{ref['impl']}_b{ref['batch']}"] = \
+                    round(rec["images_per_s"] / ref["images_per_s"], 3)
         out.append(summary)
     return out
 
@@ -357,7 +365,11 @@ def main(argv=None) -> int:
     records = []
     script = os.path.abspath(__file__)
     flags = ["--tiny"] if tiny else []
-    for child, cases in (("jax", jax_cases), ("torch", torch_cases)):
+    # A training case runs in a child of its own, so that it measures the memory its batch needs alone: the buffers
+    # of earlier cases stay allocated in a JAX process (1.6B b16 unrolled ran out of memory after two b8 cases and
+    # fits alone, at 50.6 GiB). torch frees its cache between cases.
+    jax_groups = [[case] for case in jax_cases] if args.mode == "train" else [jax_cases]
+    for child, cases in [("jax", group) for group in jax_groups] + [("torch", torch_cases)]:
         if not cases:
             continue
         for record in run_child(script, [args.mode, *flags, "--child", child, "--cases", json.dumps(cases)]):

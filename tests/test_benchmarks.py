@@ -21,12 +21,15 @@ def bench(*args: str) -> list[dict]:
 
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_transformer_benchmark(mode):
-    records = bench("transformer", mode, "--tiny", *(["--shapes", "64x2"] if mode == "forward" else []))
+    cases = ["--shapes", "64x2"] if mode == "forward" else ["--batches", "2", "--torch-batches", "2", "1"]
+    records = bench("transformer", mode, "--tiny", *cases)
     measured = [r for r in records if not r.get("summary")]
     assert {r["impl"] for r in measured} == {"jax", "diffusers_eager"}
     assert all(r["ms"] > 0 and r["tflops_per_s"] >= 0 for r in measured)
     summaries = [r for r in records if r.get("summary")]
     assert summaries and all(r["speedup_vs_diffusers_eager"] > 0 for r in summaries)
+    if mode == "train":  # the anchor at another batch is compared in images per second
+        assert summaries[0]["throughput_vs_diffusers_eager_b1"] > 0
 
 
 def test_generate_benchmark():
@@ -59,6 +62,10 @@ def test_profile_attributes_ops_to_passes_and_parts_of_the_model():
     assert scope(body + "blocks/add_any") == "backward block"
     assert scope("jit(step)/jvp(SanaTransformer)/while/body/eval_jaxpr/blocks/cross_attn/q_linear/dot_general") == \
         "forward cross_attn"
+    unrolled = "jit(step)/transpose(jvp(SanaTransformer))/eval_jaxpr/blocks/"
+    assert scope(unrolled + "add_any") == "backward block"
+    assert scope(unrolled + "mlp/point_conv/dot_general") == "backward mlp"
+    assert scope("jit(step)/transpose(jvp(SanaTransformer))/concatenate") == "outside"
     assert scope("jit(step)/reduce_sum") == "outside" and scope(None) == "unattributed"
     # cuBLAS kernels are attributed through XLA's annotation, except inside a CUDA graph (named after the graph)
     assert hlo_op({"name": "nvjet_sm90_tst", "args": {"hlo_op": "custom-call.13"}}) == "custom-call_13"
