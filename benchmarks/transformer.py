@@ -11,9 +11,10 @@ while the other is measured.
            in fp32 under bf16 autocast, torch.compile, MSE against eps - x0, clip_grad_norm_(0.1), came_pytorch.
 
 One JSON object per line: per implementation and case the median ms, images/s, analytic TFLOP/s and MFU (forward
-FLOPs of sana_jax.flops, x3 for a training step, / 989 TFLOP/s), peak memory (torch: max_memory_allocated; JAX:
-XLA's memory analysis of the compiled program, arguments + outputs + temporaries); then one summary line per case
-with the ratios (JAX speedup over each anchor).
+FLOPs of sana_jax.flops, x3 for a training step, / 989 TFLOP/s), peak memory (torch: max_memory_allocated; JAX
+forward: XLA's memory analysis of the compiled program, arguments + outputs + temporaries; JAX train: the device's
+peak_bytes_in_use, each case in a process of its own); then one summary line per case with the ratios to the
+anchors.
 
 GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/transformer.py forward
       python3 benchmarks/transformer.py train --models sana_1600m --batches 8 16 --remat none dots_saveable
