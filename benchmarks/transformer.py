@@ -136,7 +136,7 @@ def jax_train(case: dict) -> dict:
     record = {"compile_s": round(time.perf_counter() - start, 2)}
     record["ms"] = median_ms(call, jax.block_until_ready, case["warmup"], case["iters"])
     stats = jax.devices()[0].memory_stats() or {}
-    record["peak_bytes"] = stats.get("peak_bytes_in_use")  # the child runs this case alone (main)
+    record["peak_bytes"] = stats.get("peak_bytes_in_use")  # this case alone: see main
     return record
 
 
@@ -366,9 +366,9 @@ def main(argv=None) -> int:
     records = []
     script = os.path.abspath(__file__)
     flags = ["--tiny"] if tiny else []
-    # A training case runs in a child of its own, so that it measures the memory its batch needs alone: the buffers
-    # of earlier cases stay allocated in a JAX process (1.6B b16 unrolled ran out of memory after two b8 cases and
-    # fits alone, at 50.6 GiB). torch frees its cache between cases.
+    # A training case runs in a child of its own, so that it measures the memory its batch needs alone: after other
+    # cases in one JAX process a case can run out of memory where it fits alone (1.6B b16 unrolled after two b8
+    # cases; alone it peaks at 50.6 GiB). The torch child empties its cache between cases.
     jax_groups = [[case] for case in jax_cases] if args.mode == "train" else [jax_cases]
     for child, cases in [("jax", group) for group in jax_groups] + [("torch", torch_cases)]:
         if not cases:
