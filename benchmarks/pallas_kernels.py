@@ -4,12 +4,13 @@
           XLA sibling vs the fused Pallas kernel at every (columns, channel block, warps) of the sweep; `--sweep`
           off: the shipped setting only.
   glu_backward: its vjp alone (residuals given), XLA's autodiff of the sibling vs the Pallas op's backward;
-          with `--sweep`, glu_conv_backward_kernels: the backward kernels at each tile of the sweep.
+          with `--sweep`, glu_backward_total / glu_backward_input: each of its two kernels alone at every tile.
   litela: sana_jax.linear_attention from packed qkv, XLA sibling vs Pallas; litela_vjp: forward + backward.
 One JSON object per line: op, shape, impl (and tile), median ms, GB/s of the bytes an ideal kernel moves (inputs
 read once, output written once), max|diff| / max|ref| against the XLA sibling.
 
-GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/pallas_kernels.py --sweep
+GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/pallas_kernels.py --sweep [forward|backward]
+      [--glu-shape B H W F]
 CPU smoke test (interpreted kernels, tiny shapes):  python benchmarks/pallas_kernels.py --tiny
 """
 
@@ -57,7 +58,7 @@ def bench_glu(shape, args, interpret):
     variants = [("xla", jax.jit(glu_conv.silu_glu_dwconv_xla), {})]
     # Each tile compiles for ~20 s (the columns are unrolled): the sweep keeps the contenders of RESULTS.md.
     tiles = [(4, 64, 2), (8, 64, 2), (8, 128, 2), (8, 128, 4), (8, 256, 8), (16, 64, 2)]
-    for tile_w, block_c, warps in (tiles if args.sweep else [(None, None, None)]):
+    for tile_w, block_c, warps in (tiles if args.sweep in ("all", "forward") else [(None, None, None)]):
         kwargs = {k: v for k, v in dict(tile_w=tile_w, block_c=block_c, num_warps=warps).items() if v is not None}
         fn = jax.jit(functools.partial(glu_conv._fused_forward, interpret=interpret, **kwargs))
         variants.append(("pallas", fn, kwargs))
@@ -79,15 +80,52 @@ def bench_glu(shape, args, interpret):
         ms = median_ms(lambda: fn(*inputs), jax.block_until_ready, args.warmup, args.iters)
         emit({"op": "glu_backward", "shape": list(shape), "impl": impl, **tile, "ms": round(ms, 4),
               "rel_diff": max(rel(a, b) for a, b in zip(grads_ref, grads))})
-    # The backward kernels' tiles (columns, channels, warps), both kernels alike.
-    for tile_w, block_c, warps in ([(4, 64, 2), (8, 64, 2), (4, 128, 4), (8, 128, 4)] if args.sweep else []):
-        fn = jax.jit(lambda *a, tile=(tile_w, block_c, warps, None):
-                     glu_conv._pallas_backward(*a, cotangent, interpret, tile=tile))
-        grads = fn(*inputs)
-        ms = median_ms(lambda: fn(*inputs), jax.block_until_ready, args.warmup, args.iters)
-        emit({"op": "glu_conv_backward_kernels", "shape": list(shape), "impl": "pallas", "tile_w": tile_w,
-              "block_c": block_c, "num_warps": warps, "ms": round(ms, 4),
-              "rel_diff": max(rel(a, b) for a, b in zip(grads_ref, grads))})
+    if args.sweep in ("all", "backward"):
+        sweep_backward_kernels(inputs, cotangent, grads_ref, args, interpret)
+
+
+# (columns, channels, warps) of each backward kernel's sweep; rows: the default chunk.
+BACKWARD_TILES = [(8, 128, 4), (4, 128, 4), (2, 128, 4), (16, 128, 4), (8, 64, 2), (4, 64, 2), (8, 256, 8),
+                  (4, 256, 8), (8, 128, 8), (4, 32, 1)]
+
+
+def sweep_backward_kernels(inputs, cotangent, grads_ref, args, interpret):
+    """Each backward kernel alone at every tile of BACKWARD_TILES (part 2 on part 1's shipped output); the programs
+    compile in parallel threads (~20 s each: the columns are unrolled)."""
+    import concurrent.futures
+
+    pre, pre_bias, kernel, bias = inputs
+    shape = list(pre.shape[:3]) + [pre.shape[3] // 2]
+    shipped = glu_conv.backward_tiles(pre.shape[2])
+    d_total = jax.jit(lambda *a: glu_conv._total_grad(*a, cotangent, interpret, shipped[0])[0])(*inputs)
+    parts = {"total": (lambda tile: lambda *a: glu_conv._total_grad(*a, cotangent, interpret, tile), inputs,
+                       (grads_ref[2], grads_ref[3])),
+             "input": (lambda tile: lambda *a: glu_conv._input_grad(*a, interpret, tile),
+                       (d_total, pre, pre_bias, kernel), (grads_ref[0], grads_ref[1]))}
+    jobs = [(part, tile) for part in parts for tile in BACKWARD_TILES]
+
+    def compile_one(job):
+        part, tile = job
+        make, operands, _ = parts[part]
+        try:
+            return jax.jit(make((*tile, None))).lower(*operands).compile()
+        except Exception as error:  # a tile that does not compile (registers, shared memory) is reported, not fatal
+            return error
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(compile_one, jobs))
+    for (part, (tile_w, block_c, warps)), fn in zip(jobs, compiled):
+        record = {"op": f"glu_backward_{part}", "shape": shape, "impl": "pallas", "tile_w": tile_w,
+                  "block_c": block_c, "num_warps": warps}
+        if isinstance(fn, Exception):
+            emit({**record, "error": str(fn).splitlines()[0][:200]})
+            continue
+        _, operands, refs = parts[part]
+        out = fn(*operands)
+        ms = median_ms(lambda: fn(*operands), jax.block_until_ready, args.warmup, args.iters)
+        # part 1's d_kernel and d_bias; part 2's d_pre and d_pre_bias
+        got = (out[1], out[2]) if part == "total" else out
+        emit({**record, "ms": round(ms, 4), "rel_diff": max(rel(a, b) for a, b in zip(refs, got))})
 
 
 def bench_litela(shape, args, interpret):
@@ -119,7 +157,11 @@ def bench_litela(shape, args, interpret):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="interpreted kernels on tiny shapes (CPU smoke test)")
-    parser.add_argument("--sweep", action="store_true", help="every GLU tile of the sweep, not only the shipped one")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "forward", "backward"],
+                        help="every GLU tile of the sweep (of the forward, the backward kernels, or all), not only "
+                             "the shipped one")
+    parser.add_argument("--glu-shape", type=int, nargs=4, action="append", metavar=("B", "H", "W", "F"),
+                        help="only the GLU ops, at this shape (repeatable) instead of the default shapes")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 20; tiny 1)")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
@@ -127,9 +169,9 @@ def main(argv=None) -> int:
     interpret = args.tiny or jax.default_backend() != "gpu"
     glu_shapes = [(1, 3, 5, 24)] if args.tiny else GLU_SHAPES
     litela_shapes = [(1, 70, 2, 32)] if args.tiny else LITELA_SHAPES
-    for shape in glu_shapes:
-        bench_glu(shape, args, interpret)
-    for shape in litela_shapes:
+    for shape in args.glu_shape or glu_shapes:
+        bench_glu(tuple(shape), args, interpret)
+    for shape in [] if args.glu_shape else litela_shapes:
         bench_litela(shape, args, interpret)
     return 0
 

@@ -1,12 +1,14 @@
 """Pallas GPU kernels for CAME's factored statistics (sana_jax.optim): a matrix's row and column sums in one read.
 
-A factored CAME leaf needs, per matrix, the sums over each of its two axes of g^2 + eps1 (the second moment) and of
-(u - m)^2 + eps2 (the instability). XLA computes a sum over rows and a sum over columns as two reductions, each
-its own pass over the fp32 gradient (and m), and cannot fuse the clipping of the gradients into a custom call's
-operand. These kernels read every tile once, clip it themselves, and produce both sums. A leaf is viewed as
-[N, A, B]: N = every leading axis (layers included), A and B = the two factored axes, which are always the last two.
+A factored CAME leaf needs, per matrix, the sums over each of its two axes of g^2 (the second moment before its
+clipping scale and eps1; the sums over B also give the clipping's global norm) and of (u - m)^2 + eps2 (the
+instability). XLA computes a sum over rows and a sum over columns as two reductions, each its own pass over the
+fp32 gradient (and m), and cannot fuse the clipping of the gradients into a custom call's operand. These kernels
+read every tile once, clip it themselves where the norm is already known (the instability), and produce both sums.
+A leaf is viewed as [N, A, B]: N = every leading axis (layers included), A and B = the two factored axes, which are
+always the last two.
 
-  square_sums   g                                -> sums over B [N, A] and over A [N, B] of clip(g)^2 + eps1
+  square_sums   g                                -> sums over B [N, A] and over A [N, B] of g^2
   confidence    g, m, f_a [N, A], f_b [N, B], d  -> m' = ema(b1, m, u) with u = (f_a f_b) clip(g) / d, written
                                                     over m, and the sums over B and over A of (u - m')^2 + eps2
 clip(g) is optax.clip_by_global_norm's select(norm < max_norm, g, (g / norm) * max_norm), or g.
@@ -72,15 +74,13 @@ def _walk_columns(step, rows: int, cols: int):
     return total, first, row_ok
 
 
-def _square_sums_kernel(g_ref, scalars_ref, sum_b_ref, sum_a_ref, *, rows, cols, clipping):
+def _square_sums_kernel(g_ref, sum_b_ref, sum_a_ref, *, rows, cols):
     from jax.experimental.pallas import triton as plgpu
-
-    eps1 = scalars_ref[2]
 
     def step(tile_at, ok, column_sums_at, i):
         del i
         g = plgpu.load(tile_at(g_ref), mask=ok, other=0).astype(jnp.float32)
-        x = jnp.where(ok, jnp.square(_clip(g, scalars_ref, clipping)) + eps1, 0.0)
+        x = jnp.square(g)  # 0 where masked
         column_sums_at(sum_a_ref, jnp.sum(x, axis=0))
         return jnp.sum(x, axis=1)
 
@@ -142,19 +142,17 @@ def _sums_call(kernel, name: str, inputs: list[Array], n: int, a: int, b: int, e
     return (*extra, sum_b.reshape(n, a), partial_a.reshape(n, blocks, b).sum(axis=1))
 
 
-def square_sums(g: Array, eps1, clip: tuple[Array, Array] | None = None, interpret: bool = False):
-    """Sums of clip(g)^2 + eps1 over the last axis [N, A] and over the second-to-last [N, B], in fp32.
+def square_sums(g: Array, *, interpret: bool = False):
+    """Sums of g^2 over the last axis [N, A] and over the second-to-last [N, B], in fp32.
 
     Args:
-      g: [..., A, B] gradient (fp32 or 16-bit; computed in fp32).
-      eps1: CAME's eps added to every square (a float or a traced scalar).
-      clip: None, or (global norm, max norm) scalars: g is clipped as optax.clip_by_global_norm does.
+      g: [..., A, B] gradient (fp32 or 16-bit; squared in fp32), unclipped: the sums over B also give the
+        gradient's norm for the clipping, which scales them afterwards.
       interpret: run the Pallas interpreter (any backend) instead of compiling for a CUDA GPU.
     """
     n, a, b = _matrices(g)
-    kernel = functools.partial(_square_sums_kernel, rows=a, cols=b, clipping=clip is not None)
-    return _sums_call(kernel, "came_square_sums", [g.reshape(n * a, b), _scalars(clip, eps1)], n, a, b,
-                      interpret=interpret)
+    kernel = functools.partial(_square_sums_kernel, rows=a, cols=b)
+    return _sums_call(kernel, "came_square_sums", [g.reshape(n * a, b)], n, a, b, interpret=interpret)
 
 
 def confidence(g: Array, mu: Array, f_a: Array, f_b: Array, divisor: Array, b1, eps2,

@@ -45,9 +45,12 @@ def forward_tile(width: int) -> tuple[int, int, int]:
     return min(8, width), 128, 4
 
 
-def backward_tile(width: int) -> tuple[int, int, int, None]:
-    """The backward's first kernel's (columns, channels, warps, rows): the forward's tile (not swept yet)."""
-    return (*forward_tile(width), None)
+def backward_tiles(width: int) -> tuple[tuple[int, int, int, None], tuple[int, int, int, None]]:
+    """The two backward kernels' (columns, channels, warps, rows): part 1 (`_total_grad_kernel`) 4 columns x 64
+    channels x 2 warps, part 2 (`_input_grad_kernel`) 2 x 128 x 4, the default row chunk. Each kernel alone at 1.6B
+    b16 on H100: 1.07 and 0.95 ms against 1.34 and 1.27 ms on the forward's tile (RESULTS.md, eleventh session;
+    `--sweep backward` of benchmarks/pallas_kernels.py reruns it)."""
+    return (min(4, width), 64, 2, None), (min(2, width), 128, 4, None)
 
 
 def _gate(dw_value, dw_gate, out_dtype, sigmoid=jax.nn.sigmoid):
@@ -278,11 +281,11 @@ def _column_grid(image_shape, features: int, tile: tuple[int, int, int, int | No
     return shape, (programs, blocks), programs, None if interpret else _triton_params(num_warps)
 
 
-def _column_inputs(pre, pre_bias, kernel, bias):
-    """The `_ColumnTile` refs: pre flat [B*H*W, 2F], pre_bias and taps [9, 2F] in pre's dtype, bias fp32."""
+def _column_inputs(pre, pre_bias, kernel):
+    """The `_ColumnTile` refs: pre flat [B*H*W, 2F], pre_bias and taps [9, 2F] in pre's dtype (the bias, fp32, is
+    passed by the kernels that take it)."""
     channels = pre.shape[-1]
-    return (pre.reshape(-1, channels), pre_bias.astype(pre.dtype), kernel.reshape(9, channels).astype(pre.dtype),
-            bias.astype(jnp.float32))
+    return pre.reshape(-1, channels), pre_bias.astype(pre.dtype), kernel.reshape(9, channels).astype(pre.dtype)
 
 
 def _fused_forward(pre, pre_bias, kernel, bias, interpret: bool, tile_w: int | None = None,
@@ -297,7 +300,7 @@ def _fused_forward(pre, pre_bias, kernel, bias, interpret: bool, tile_w: int | N
         out_shape=jax.ShapeDtypeStruct((batch * height * width, channels // 2), pre.dtype),
         grid=grid, compiler_params=params, in_specs=[any_spec] * 4, out_specs=any_spec, interpret=interpret,
         name="silu_glu_dwconv",
-    )(*_column_inputs(pre, pre_bias, kernel, bias))
+    )(*_column_inputs(pre, pre_bias, kernel), bias.astype(jnp.float32))
     return out.reshape(batch, height, width, channels // 2)
 
 
@@ -391,14 +394,12 @@ def _input_grad_kernel(dt_ref, y_ref, yb_ref, k_ref, dy_ref, dyb_ref, **shape):
     plgpu.store(dyb_ref.at[tile.program, tile.columns(0)], d_pre_bias, mask=tile.valid_c)
 
 
-def _pallas_backward(pre, pre_bias, kernel, bias, cotangent, interpret: bool, tile: tuple | None = None):
-    """(d_pre, d_pre_bias, d_kernel, d_bias) of `silu_glu_dwconv_xla`, by the two kernels above plus four small
-    sums over programs. tile: both kernels' (columns, channels, warps, rows or None); default `backward_tile`."""
+def _total_grad(pre, pre_bias, kernel, bias, cotangent, interpret: bool, tile: tuple):
+    """Backward part 1 (`_total_grad_kernel`) on `tile` (columns, channels, warps, rows or None): (d_total
+    [B*H*W, 2F] in pre's dtype, d_kernel [3, 3, 2F] fp32, d_bias [2F] fp32)."""
     batch, height, width, channels = pre.shape
-    tile = tile or backward_tile(width)
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    inputs = _column_inputs(pre, pre_bias, kernel, bias)
     shape, grid, programs, params = _column_grid(pre.shape, channels // 2, tile, interpret)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
     d_total, dk_rows, db_rows = pl.pallas_call(
         functools.partial(_total_grad_kernel, **shape),
         out_shape=(jax.ShapeDtypeStruct((batch * height * width, channels), pre.dtype),
@@ -406,20 +407,35 @@ def _pallas_backward(pre, pre_bias, kernel, bias, cotangent, interpret: bool, ti
                    jax.ShapeDtypeStruct((programs, channels), jnp.float32)),
         grid=grid, compiler_params=params, in_specs=[any_spec] * 5, out_specs=(any_spec,) * 3, interpret=interpret,
         name="glu_dwconv_bwd_total",
-    )(*inputs, cotangent.reshape(-1, channels // 2))
-    shape, grid, programs_2f, params = _column_grid(pre.shape, channels, tile, interpret)
+    )(*_column_inputs(pre, pre_bias, kernel), bias.astype(jnp.float32), cotangent.reshape(-1, channels // 2))
+    return d_total, jnp.sum(dk_rows.reshape(programs, 3, 3, channels), axis=0), jnp.sum(db_rows, axis=0)
+
+
+def _input_grad(d_total, pre, pre_bias, kernel, interpret: bool, tile: tuple):
+    """Backward part 2 (`_input_grad_kernel`) on `tile`, all 2F channels as one half: (d_pre [B, H, W, 2F],
+    d_pre_bias [2F] in pre_bias's dtype)."""
+    channels = pre.shape[-1]
+    shape, grid, programs, params = _column_grid(pre.shape, channels, tile, interpret)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
     d_pre, dpb_rows = pl.pallas_call(
         functools.partial(_input_grad_kernel, **shape),
-        out_shape=(jax.ShapeDtypeStruct((batch * height * width, channels), pre.dtype),
-                   jax.ShapeDtypeStruct((programs_2f, channels), jnp.float32)),
+        out_shape=(jax.ShapeDtypeStruct((d_total.shape[0], channels), pre.dtype),
+                   jax.ShapeDtypeStruct((programs, channels), jnp.float32)),
         grid=grid, compiler_params=params, in_specs=[any_spec] * 4, out_specs=(any_spec,) * 2, interpret=interpret,
         name="glu_dwconv_bwd_input",
-    )(d_total, *inputs[:3])
-    d_kernel = jnp.sum(dk_rows.reshape(programs, 3, 3, channels), axis=0)
+    )(d_total, *_column_inputs(pre, pre_bias, kernel))
     # Rounded to the activation dtype first, as add_bias's backward rounds the sum.
-    d_pre_bias = jnp.sum(dpb_rows, axis=0).astype(pre.dtype).astype(pre_bias.dtype)
-    return (d_pre.reshape(pre.shape), d_pre_bias, d_kernel.astype(kernel.dtype),
-            jnp.sum(db_rows, axis=0).astype(bias.dtype))
+    return d_pre.reshape(pre.shape), jnp.sum(dpb_rows, axis=0).astype(pre.dtype).astype(pre_bias.dtype)
+
+
+def _pallas_backward(pre, pre_bias, kernel, bias, cotangent, interpret: bool, tiles: tuple | None = None):
+    """(d_pre, d_pre_bias, d_kernel, d_bias) of `silu_glu_dwconv_xla`, by the two kernels above plus four small
+    sums over programs. tiles: (part 1's, part 2's) (columns, channels, warps, rows or None); default
+    `backward_tiles`."""
+    total_tile, input_tile = tiles or backward_tiles(pre.shape[2])
+    d_total, d_kernel, d_bias = _total_grad(pre, pre_bias, kernel, bias, cotangent, interpret, total_tile)
+    d_pre, d_pre_bias = _input_grad(d_total, pre, pre_bias, kernel, interpret, input_tile)
+    return d_pre, d_pre_bias, d_kernel.astype(kernel.dtype), d_bias.astype(bias.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -348,6 +348,7 @@ def _per_layer_rms(x: Array, layer_axes: int) -> Array:
 
 
 Clip = tuple[Array, Array] | None  # (global norm of the gradients, max norm), or no clipping
+SquareSums = tuple[Array, Array]  # sums of g^2 over the column axis and over the row axis, keepdims, fp32
 
 
 def _clipped(g: Array, clip: Clip) -> Array:
@@ -358,15 +359,37 @@ def _clipped(g: Array, clip: Clip) -> Array:
     return g.astype(jnp.float32)
 
 
+def _squared_norm(g: Array) -> Array:
+    return jnp.sum(jnp.square(g.astype(jnp.float32)))
+
+
+def _global_norm(grads: Sequence[Array], square_sums: Sequence[SquareSums | None]) -> Array:
+    """optax.tree.norm of the gradients, squared and summed in fp32; a factored leaf's from its square sums."""
+    return jnp.sqrt(sum(_squared_norm(g) if sq is None else jnp.sum(sq[0]) for g, sq in zip(grads, square_sums)))
+
+
+def _second_moment_means(square_sums: SquareSums, shape: tuple[int, ...], layout: LeafLayout, clip: Clip,
+                         eps1) -> tuple[Array, Array]:
+    """(means over the column axis, over the row axis) of clip(g)^2 + eps1 from the sums of g^2: the clip scales
+    g by c = max_norm / norm (when norm >= max_norm), so its squares sum to c^2 times g's. The same function as
+    squaring optax's clipped gradient; the rounding differs (one scaling per sum instead of one per element)."""
+    scale = 1.0
+    if clip is not None:
+        norm, max_norm = clip
+        scale = jnp.square(jnp.where(norm < max_norm, 1.0, max_norm / norm)).astype(jnp.float32)
+    over_cols, over_rows = square_sums
+    return (over_cols * (scale / shape[layout.col_axis]) + eps1, over_rows * (scale / shape[layout.row_axis]) + eps1)
+
+
 @dataclasses.dataclass(frozen=True)
 class _XlaSums:
-    """The factored means as XLA reductions, any backend: the sibling of sana_jax.came_kernels (each mean is a
-    pass over the gradient; XLA fuses the clipping into them)."""
+    """The factored sums as XLA reductions, any backend: the sibling of sana_jax.came_kernels (each is a pass
+    over the gradient; XLA fuses the clipping into the confidence's)."""
 
-    def second_moment(self, g: Array, clip: Clip, eps1, layout: LeafLayout) -> tuple[Array, Array]:
-        """(means over the column axis, over the row axis) of clip(g)^2 + eps1, keepdims, fp32."""
-        u = jnp.square(_clipped(g, clip)) + eps1
-        return jnp.mean(u, axis=layout.col_axis, keepdims=True), jnp.mean(u, axis=layout.row_axis, keepdims=True)
+    def square_sums(self, g: Array, layout: LeafLayout) -> SquareSums:
+        """(sums over the column axis, over the row axis) of g^2, keepdims, fp32."""
+        u = jnp.square(g.astype(jnp.float32))
+        return jnp.sum(u, axis=layout.col_axis, keepdims=True), jnp.sum(u, axis=layout.row_axis, keepdims=True)
 
     def confidence(self, g: Array, clip: Clip, mu: Array, f_row: Array, f_col: Array, divisor: Array, b1, eps2,
                    layout: LeafLayout) -> tuple[Array, Array, Array]:
@@ -380,8 +403,9 @@ class _XlaSums:
 
 @dataclasses.dataclass(frozen=True)
 class _PallasSums:
-    """The same means from sana_jax.came_kernels: row and column sums in one read of the gradient (and of m),
-    the clipping applied inside the kernels. Compiled on CUDA GPUs; `interpret` runs them anywhere (tests)."""
+    """The same sums from sana_jax.came_kernels: row and column sums in one read of the gradient (and of m), the
+    clipping of the confidence step applied inside its kernel. Compiled on CUDA GPUs; `interpret` runs them
+    anywhere (tests)."""
 
     interpret: bool
 
@@ -393,29 +417,32 @@ class _PallasSums:
                              f"axis {layout.row_axis} and columns on axis {layout.col_axis}")
         return layout.row_axis == g.ndim - 1
 
-    def _means(self, g: Array, sum_b: Array, sum_a: Array, layout: LeafLayout) -> tuple[Array, Array]:
-        """Kernel sums over B [N, A] and over A [N, B] -> (means over the column axis, over the row axis)."""
+    def _by_axis(self, g: Array, over_b: Array, over_a: Array, layout: LeafLayout) -> tuple[Array, Array]:
+        """Kernel results over B [N, A] and over A [N, B] -> (over the column axis, over the row axis), keepdims."""
         a, b = g.shape[-2:]
-        over_b = (sum_b / b).reshape(g.shape[:-1] + (1,))
-        over_a = (sum_a / a).reshape(g.shape[:-2] + (1, b))
+        over_b, over_a = over_b.reshape(g.shape[:-1] + (1,)), over_a.reshape(g.shape[:-2] + (1, b))
         return (over_a, over_b) if self._row_axis_is_last(g, layout) else (over_b, over_a)
 
-    def second_moment(self, g, clip, eps1, layout):
-        return self._means(g, *came_kernels.square_sums(g, eps1, clip, self.interpret), layout)
+    def square_sums(self, g, layout):
+        return self._by_axis(g, *came_kernels.square_sums(g, interpret=self.interpret), layout)
 
     def confidence(self, g, clip, mu, f_row, f_col, divisor, b1, eps2, layout):
         f_a, f_b = (f_col, f_row) if self._row_axis_is_last(g, layout) else (f_row, f_col)
         divisor = jnp.broadcast_to(divisor, g.shape[:-2] + (1, 1))
         mu, sum_b, sum_a = came_kernels.confidence(g, mu, f_a, f_b, divisor, b1, eps2, clip, self.interpret)
-        return (mu, *self._means(g, sum_b, sum_a, layout))
+        a, b = g.shape[-2:]
+        return (mu, *self._by_axis(g, sum_b / b, sum_a / a, layout))
 
 
 def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout, hp: _Hyper, clip: Clip,
-               sums: _XlaSums | _PallasSums):
-    """One CAME step for one leaf: (direction, new fp32 mu, new (v_row, v_col, v, r_row, r_col))."""
+               sums: _XlaSums | _PallasSums, square_sums: SquareSums | None = None):
+    """One CAME step for one leaf: (direction, new fp32 mu, new (v_row, v_col, v, r_row, r_col)). A factored leaf
+    takes its `square_sums` where the global norm was made from them, else computes them."""
     v_row, v_col, v, r_row, r_col = stats
     if layout.factored:
-        row_mean, col_mean = sums.second_moment(g, clip, hp.eps1, layout)
+        if square_sums is None:
+            square_sums = sums.square_sums(g, layout)
+        row_mean, col_mean = _second_moment_means(square_sums, g.shape, layout, clip, hp.eps1)
         v_row = _ema(hp.b2, v_row, row_mean)
         v_col = _ema(hp.b2, v_col, col_mean)
         f_row, f_col = _rsqrt_factors(v_row, v_col, layout.row_axis)
@@ -651,21 +678,29 @@ def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | No
     def update_fn(updates, state, params=None):
         del params
         names, grads, treedef = _flatten(updates)
-        # optax.clip_by_global_norm's norm, applied inside each leaf's passes instead of as a pass of its own
-        clip = None if max_grad_norm is None else (optax.tree.norm(updates), max_grad_norm)
+        layouts = [leaf_layout(name, g.shape, factorization, stacked) for name, g in zip(names, grads)]
+        grouped = [i for i, layout in enumerate(layouts) if layer_group and layout.layer_axes]
         sums = _PallasSums(interpret=not on_cuda()) if _resolve_impl(impl, layer_group) == "pallas" else _XlaSums()
+        # optax.clip_by_global_norm in front, applied inside each leaf's passes instead of as a pass of its own.
+        # Its norm comes from the factored leaves' square sums, which CAME needs anyway, except under layer
+        # groups, whose sums are made inside the loop over the groups.
+        square_sums = [None] * len(grads)
+        if max_grad_norm is not None and not grouped:
+            square_sums = [sums.square_sums(g, layout) if layout.factored else None
+                           for g, layout in zip(grads, layouts)]
+        clip = None if max_grad_norm is None else (_global_norm(grads, square_sums), max_grad_norm)
 
-        def leaf_update(layout, g, *leaf_fields):
+        def leaf_update(layout, g, *leaf_fields, square_sums=None):
             """(direction, *stored m, *stats) of one leaf."""
             stored_mu, stats = leaf_fields[:moment.n_fields], tuple(leaf_fields[moment.n_fields:])
-            direction, mu, stats = _came_leaf(g, moment.load(stored_mu, layout), stats, layout, hp, clip, sums)
+            direction, mu, stats = _came_leaf(g, moment.load(stored_mu, layout), stats, layout, hp, clip, sums,
+                                              square_sums)
             return (direction.astype(g.dtype), *moment.store(mu, layout), *stats)
 
         fields = [treedef.flatten_up_to(tree) for tree in state[1:]]
         leaves = [(g, *leaf_fields) for g, *leaf_fields in zip(grads, *fields)]
-        layouts = [leaf_layout(name, g.shape, factorization, stacked) for name, g in zip(names, grads)]
-        grouped = [i for i, layout in enumerate(layouts) if layer_group and layout.layer_axes]
-        out = [None if i in grouped else leaf_update(layouts[i], *leaves[i]) for i in range(len(leaves))]
+        out = [None if i in grouped else leaf_update(layouts[i], *leaves[i], square_sums=square_sums[i])
+               for i in range(len(leaves))]
         if grouped:  # the gradient, then the state fields
             is_real = [(True, *moment.is_real(layouts[i]), *_stat_is_real(layouts[i])) for i in grouped]
             done = _update_layer_groups(leaf_update, [layouts[i] for i in grouped], [leaves[i] for i in grouped],

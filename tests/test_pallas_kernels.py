@@ -87,7 +87,9 @@ def test_glu_tiles_and_row_chunks_match_xla_sibling(shape, tile_w, rows, block_c
     assert_close(label, ref, out, "litela_bf16")
     cotangent = jnp.asarray(np.random.default_rng(4).standard_normal(ref.shape), jnp.bfloat16)
     grads_ref = jax.vjp(glu_conv.silu_glu_dwconv_xla, *args)[1](cotangent)
-    grads = glu_conv._pallas_backward(*args, cotangent, True, tile=(tile_w, block_c, 4, rows))
+    # the two backward kernels on different tiles (the second with the default row chunk)
+    grads = glu_conv._pallas_backward(*args, cotangent, True,
+                                      tiles=((tile_w, block_c, 4, rows), (tile_w + 1, 2 * block_c, 4, None)))
     for name, g_ref, g in zip(("pre", "pre_bias", "kernel", "bias"), grads_ref, grads):
         assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, name
         assert_close(f"{label} d_{name}", g_ref, g, "litela_bf16")
