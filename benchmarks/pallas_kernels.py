@@ -102,7 +102,7 @@ def sweep_backward_kernels(inputs, cotangent, grads_ref, args, interpret):
                        (grads_ref[2], grads_ref[3])),
              "input": (lambda tile: lambda *a: glu_conv._input_grad(*a, interpret, tile),
                        (d_total, pre, pre_bias, kernel), (grads_ref[0], grads_ref[1]))}
-    jobs = [(part, tile) for part in parts for tile in BACKWARD_TILES]
+    jobs = [(part, tile) for part in parts for tile in args.backward_tiles or BACKWARD_TILES]
 
     def compile_one(job):
         part, tile = job
@@ -162,6 +162,8 @@ def main(argv=None) -> int:
                              "the shipped one")
     parser.add_argument("--glu-shape", type=int, nargs=4, action="append", metavar=("B", "H", "W", "F"),
                         help="only the GLU ops, at this shape (repeatable) instead of the default shapes")
+    parser.add_argument("--backward-tiles", type=lambda text: tuple(int(v) for v in text.split(",")), nargs="+",
+                        metavar="COLS,CHANNELS,WARPS", help="--sweep backward: these tiles instead of BACKWARD_TILES")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 20; tiny 1)")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)

@@ -58,8 +58,9 @@ class SanaConfig:
     # 177 ms, compile 53 -> 60 s, peak 28.6 -> 32.8 GiB). Unrolled, a remat policy saves no memory: XLA computes
     # the rematerialised values beside the forward (1.6B b8: none 181.6 ms, dots_saveable 182.9 ms, the same 32.8
     # GiB peak; XLA:CPU's memory analysis says the same of "full"), so the batch is what fits without remat (1.6B:
-    # b16, 321.6 ms, 44.8% MFU, 50.6 GiB; b20 does not fit). Not the default: the unrolled 1.6B forward at b32 did
-    # not finish compiling and timing within 160 s (38 s scanned), and the 4.8B was measured scanned, with remat.
+    # b16, 307.6-314.5 ms, 45.8-46.8% MFU, 50.6 GiB; b20 does not fit). Not the default: the unrolled 1.6B forward
+    # at b32 did not finish compiling and timing within 160 s (38 s scanned), and the 4.8B was measured scanned,
+    # with remat.
     unroll_blocks: bool = False
     # Cross-attention kernel. "xla": einsums + fp32 softmax, any backend and dtype. "cudnn": cuDNN flash attention
     # (CUDA GPUs, bf16/fp16 compute; logits stay fp32 inside the kernel, the [B, H, N, L] probabilities are never
