@@ -363,13 +363,10 @@ def _clipped(g: Array, clip: Clip) -> Array:
     return g.astype(jnp.float32)
 
 
-def _squared_norm(g: Array) -> Array:
-    return jnp.sum(jnp.square(g.astype(jnp.float32)))
-
-
 def _global_norm(grads: Sequence[Array], square_sums: Sequence[SquareSums | None]) -> Array:
     """optax.tree.norm of the gradients, squared and summed in fp32; a factored leaf's from its square sums."""
-    return jnp.sqrt(sum(_squared_norm(g) if sq is None else jnp.sum(sq[0]) for g, sq in zip(grads, square_sums)))
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) if sq is None else jnp.sum(sq[0])
+                        for g, sq in zip(grads, square_sums)))
 
 
 def _second_moment_means(square_sums: SquareSums, shape: tuple[int, ...], layout: LeafLayout, clip: Clip,
