@@ -557,3 +557,24 @@ def _check_inputs(cfg, x, timestep, y, mask, guidance, return_logvar) -> tuple[i
     if return_logvar and not cfg.logvar:
         raise ValueError(f"config {cfg.name!r} has no logvar head (logvar=False)")
     return b, height, width
+
+
+# Parameters the model applies at full width: the RMSNorm weights scale the fp32-normalised activations. Every
+# other parameter (kernels, biases, modulation tables) is cast to the compute dtype before each use.
+_FULL_WIDTH_PARAMS = frozenset({"weight"})
+
+
+def compute_copies(cfg: SanaConfig, params):
+    """params with every leaf the model casts to the compute dtype before each use already cast (the RMSNorm
+    weights, applied at full width, and leaves no wider than the compute dtype stay as they are).
+
+    The model's outputs are bit-identical for either tree. Differentiating this one gives the gradients of the
+    16-bit weights the matmuls read, as torch autocast does: 16-bit gradients, half the bytes of the fp32 params'
+    to write and read in the training step (sana_jax.train.step)."""
+    dtype = compute_dtype(cfg)
+
+    def cast(path, leaf):
+        narrower = jnp.finfo(dtype).bits < jnp.finfo(leaf.dtype).bits
+        return leaf.astype(dtype) if narrower and path[-1].key not in _FULL_WIDTH_PARAMS else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)

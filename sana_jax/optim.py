@@ -363,6 +363,11 @@ def _clipped(g: Array, clip: Clip) -> Array:
     return g.astype(jnp.float32)
 
 
+def global_norm(grads) -> Array:
+    """optax.tree.norm of a tree of gradients, squared and summed in fp32 whatever their dtype."""
+    return _global_norm(jax.tree.leaves(grads), [None] * len(jax.tree.leaves(grads)))
+
+
 def _global_norm(grads: Sequence[Array], square_sums: Sequence[SquareSums | None]) -> Array:
     """optax.tree.norm of the gradients, squared and summed in fp32; a factored leaf's from its square sums."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) if sq is None else jnp.sum(sq[0])
@@ -436,10 +441,12 @@ class _PallasSums:
 
 
 def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout, hp: _Hyper, clip: Clip,
-               sums: _XlaSums | _PallasSums, square_sums: SquareSums | None = None):
+               sums: _XlaSums | _PallasSums, square_sums: SquareSums | None = None, dtype=None):
     """One CAME step for one leaf: (direction, new fp32 mu, new (v_row, v_col, v, r_row, r_col)). A factored leaf
-    takes its `square_sums` where the global norm was made from them, else computes them."""
+    takes its `square_sums` where the global norm was made from them, else computes them. `dtype` (default g's):
+    the width g is clipped at, as optax would clip g.astype(dtype); the Pallas sums read g as it is."""
     v_row, v_col, v, r_row, r_col = stats
+    wide = g.astype(dtype or g.dtype)
     if layout.factored:
         if square_sums is None:
             square_sums = sums.square_sums(g, layout)
@@ -447,7 +454,7 @@ def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout
         v_row = _ema(hp.b2, v_row, row_mean)
         v_col = _ema(hp.b2, v_col, col_mean)
         f_row, f_col = _rsqrt_factors(v_row, v_col, layout.row_axis)
-        scaled = (f_row * f_col) * _clipped(g, clip)
+        scaled = (f_row * f_col) * _clipped(wide, clip)
         divisor = jnp.maximum(_per_layer_rms(scaled, layout.layer_axes) / hp.clip_threshold, 1.0)
         mu, res_row, res_col = sums.confidence(g, clip, mu, f_row, f_col, divisor, hp.b1, hp.eps2, layout)
         r_row = _ema(hp.b3, r_row, res_row)
@@ -455,7 +462,7 @@ def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout
         f_row, f_col = _rsqrt_factors(r_row, r_col, layout.row_axis)
         direction = (f_row * f_col) * mu
     else:
-        g = _clipped(g, clip)
+        g = _clipped(wide, clip)
         v = _ema(hp.b2, v, jnp.square(g) + hp.eps1)
         u = jax.lax.rsqrt(v) * g
         u = u / jnp.maximum(_per_layer_rms(u, layout.layer_axes) / hp.clip_threshold, 1.0)
@@ -677,11 +684,17 @@ def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | No
         return state_cls(jnp.zeros([], jnp.int32), *_unzip(treedef, mus, moment.n_fields), *_unzip(treedef, stats, 5))
 
     def update_fn(updates, state, params=None):
-        del params
         names, grads, treedef = _flatten(updates)
         layouts = [leaf_layout(name, g.shape, factorization, stacked) for name, g in zip(names, grads)]
         grouped = [i for i, layout in enumerate(layouts) if layer_group and layout.layer_axes]
         sums = _PallasSums(interpret=not on_cuda()) if _resolve_impl(impl, layer_group) == "pallas" else _XlaSums()
+        # A gradient narrower than its parameter (the train step's 16-bit gradients of fp32 weights) is updated
+        # as if widened to the parameter's dtype first. Only the Pallas kernels read it at its own width; for
+        # XLA's passes (and the layer groups, which write the direction over the gradient) it is widened here.
+        dtypes = [g.dtype for g in grads] if params is None else \
+            [jnp.promote_types(g.dtype, p.dtype) for g, p in zip(grads, treedef.flatten_up_to(params))]
+        grads = [g if isinstance(sums, _PallasSums) and i not in grouped else g.astype(dtype)
+                 for i, (g, dtype) in enumerate(zip(grads, dtypes))]
         # optax.clip_by_global_norm in front, applied inside each leaf's passes instead of as a pass of its own.
         # Its norm comes from the factored leaves' square sums, which CAME needs anyway, except under layer
         # groups, whose sums are made inside the loop over the groups.
@@ -691,16 +704,18 @@ def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | No
                            for g, layout in zip(grads, layouts)]
         clip = None if max_grad_norm is None else (_global_norm(grads, square_sums), max_grad_norm)
 
-        def leaf_update(layout, g, *leaf_fields, square_sums=None):
+        def leaf_update(layout, g, *leaf_fields, square_sums=None, dtype=None):
             """(direction, *stored m, *stats) of one leaf."""
+            dtype = dtype or g.dtype
             stored_mu, stats = leaf_fields[:moment.n_fields], tuple(leaf_fields[moment.n_fields:])
             direction, mu, stats = _came_leaf(g, moment.load(stored_mu, layout), stats, layout, hp, clip, sums,
-                                              square_sums)
-            return (direction.astype(g.dtype), *moment.store(mu, layout), *stats)
+                                              square_sums, dtype)
+            return (direction.astype(dtype), *moment.store(mu, layout), *stats)
 
         fields = [treedef.flatten_up_to(tree) for tree in state[1:]]
         leaves = [(g, *leaf_fields) for g, *leaf_fields in zip(grads, *fields)]
-        out = [None if i in grouped else leaf_update(layouts[i], *leaves[i], square_sums=square_sums[i])
+        out = [None if i in grouped else leaf_update(layouts[i], *leaves[i], square_sums=square_sums[i],
+                                                     dtype=dtypes[i])
                for i in range(len(leaves))]
         if grouped:  # the gradient, then the state fields
             is_real = [(True, *moment.is_real(layouts[i]), *_stat_is_real(layouts[i])) for i in grouped]
@@ -723,6 +738,13 @@ def _resolve_impl(impl: str, layer_group: int = 0) -> str:
     mesh = jax.sharding.get_abstract_mesh()
     devices = jax.device_count() if mesh.empty else mesh.size
     return "pallas" if on_cuda() and devices == 1 and not layer_group else "xla"
+
+
+def reads_narrow_gradients(impl: str = "auto", layer_group: int = 0) -> bool:
+    """Whether CAME with these options (on this process's devices or the current mesh) reads gradients narrower
+    than their parameters at their own width: its Pallas kernels do, without layer groups. Anywhere else it
+    widens them first, which XLA fuses into whatever produced them."""
+    return _resolve_impl(_check_impl(impl), layer_group) == "pallas" and not layer_group
 
 
 def scale_by_came(

@@ -128,6 +128,27 @@ def test_bf16_compute_tracks_fp32(model_and_params):
     assert_close(f"{model.config.name} bf16 vs fp32", ref, out, "tiny_bf16")
 
 
+@pytest.mark.parametrize("dtype, unroll_blocks", [("bfloat16", True), ("float16", False)])
+def test_compute_copies_leave_every_output_bit_identical(model_and_params, dtype, unroll_blocks):
+    """model.compute_copies casts every leaf but the RMSNorm weights to the compute dtype, which the model does
+    before each use anyway: on perturbed params (none of them a 16-bit value) the outputs are bit-identical. An
+    fp32 model's params are returned as they are."""
+    from sana_jax.model import compute_copies
+
+    model, params = model_and_params
+    x, t, y, mask, g = make_inputs(model.config)
+    cfg = model.config.replace(compute_dtype=dtype, unroll_blocks=unroll_blocks)
+    apply = jax.jit(lambda p, m=sana_jax.SanaTransformer(cfg): m.apply({"params": p}, x, t, y, mask, guidance=g,
+                                                                       return_logvar=cfg.logvar))
+    copies = compute_copies(cfg, params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(apply(params)), jax.tree.leaves(apply(copies))):
+        np.testing.assert_array_equal(a, b, err_msg=f"{cfg.name} {dtype} output {path}")
+    widths = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(copies)}
+    assert {w for name, w in widths.items() if not name.endswith("['weight']")} == {jnp.dtype(dtype)}
+    assert {w for name, w in widths.items() if name.endswith("['weight']")} == {jnp.dtype(jnp.float32)}
+    assert all(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(compute_copies(model.config, params))))
+
+
 def test_fp16_output_is_clipped_and_finite():
     cfg = configs.TINY.replace(compute_dtype="float16")
     model = sana_jax.SanaTransformer(cfg)

@@ -728,13 +728,42 @@ def test_max_grad_norm_is_clip_by_global_norm_in_front():
 
 
 def test_auto_impl_picks_the_kernels_on_one_cuda_gpu_only(monkeypatch):
+    """...and CAME reads narrow gradients where the kernels run without layer groups (the train step then hands
+    it 16-bit gradients)."""
     assert optim._resolve_impl("auto") == "xla"  # this CPU machine; test_gpu.py checks a real CUDA GPU
     assert optim._resolve_impl("pallas") == "pallas" and optim._resolve_impl("pallas", layer_group=2) == "pallas"
+    assert [optim.reads_narrow_gradients(*args) for args in [("auto",), ("xla",), ("pallas",), ("pallas", 2)]] == \
+        [False, False, True, False]
     monkeypatch.setattr(optim, "on_cuda", lambda: True)
-    assert optim._resolve_impl("auto") == "pallas"
+    assert optim._resolve_impl("auto") == "pallas" and optim.reads_narrow_gradients("auto")
     assert optim._resolve_impl("auto", layer_group=2) == "xla"
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("fsdp",))):  # leaves may be sharded
-        assert optim._resolve_impl("auto") == "xla"
+        assert optim._resolve_impl("auto") == "xla" and not optim.reads_narrow_gradients("auto")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_narrow_gradients_update_as_if_widened(impl):
+    """bf16 gradients of fp32 params (what the train step hands CAME where `reads_narrow_gradients`) give
+    bit-for-bit the params and state of the same gradients widened to fp32 first, clipped or not, for CAME,
+    CAME-8bit and layer groups; the update is fp32. Without params, a gradient keeps its own width."""
+    params, grads = _awkward_problem(steps=2)
+    narrow = [jax.tree.map(lambda g: g.astype(jnp.bfloat16), g) for g in grads]
+    wide = [jax.tree.map(lambda g: g.astype(jnp.float32), g) for g in narrow]
+    variants = {"came": optim.came(1e-2, weight_decay=1e-2, impl=impl),
+                "came clipped": optim.came(1e-2, max_grad_norm=1.0, impl=impl),
+                "came_8bit clipped": optim.came_8bit(1e-2, block_size=16, min_8bit_size=100, max_grad_norm=1.0,
+                                                     impl=impl),
+                "layer_group=1 clipped": optim.came(1e-2, max_grad_norm=1.0, layer_group=1, impl=impl)}
+    for name, tx in variants.items():
+        ref, out = _final(tx, params, wide), _final(tx, params, narrow)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(out)):
+            np.testing.assert_array_equal(a, b, err_msg=f"{impl} {name}: {jax.tree_util.keystr(path)}")
+    tx = variants["came clipped"]
+    updates, _ = tx.update(narrow[0], tx.init(params), params)
+    assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+    direction = optim.scale_by_came(max_grad_norm=1.0, impl=impl)
+    updates, _ = direction.update(narrow[0], direction.init(params))
+    assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_weight_decay_is_decoupled_and_masked():

@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sana_jax.configs import SanaConfig
-from sana_jax.train import shapes
+from sana_jax.train import shapes, sharding
 from sana_jax.train.config import FlowConfig, MeshConfig, OptimConfig, TrainConfig, load_config
 from sana_jax.train.data import Example, Loader, write_cache
 from sana_jax.train.flow import sigmas_and_timesteps
@@ -74,10 +77,7 @@ RECIPE_FACTS = {
 def test_released_recipes_match_the_yamls():
     """Every recipe, full size, through jax.eval_shape only: params, the sharded train state, and a forward at
     the recipe's latent size (the 2K / 4K sin-cos PE is built there)."""
-    import jax.numpy as jnp
-
     import sana_jax
-    from sana_jax.train import sharding
     from sana_jax.train.config import RECIPES
     from sana_jax.train.step import make_optimizer, state_shardings
 
@@ -144,6 +144,43 @@ def test_bad_configs_fail_before_compiling(cache, tmp_path):
         train(tiny_config(cache, tmp_path / "a", model=MODEL.replace(in_channels=4, out_channels=4)))
     with pytest.raises(ValueError, match="does not divide"):
         train(tiny_config(cache, tmp_path / "b", mesh=MeshConfig(data=3)))
+
+
+@pytest.mark.parametrize("optim_changes, narrow", [
+    ({"came_impl": "pallas"}, True), ({"name": "came_8bit", "came_impl": "pallas"}, True),
+    ({"came_impl": "xla"}, False), ({"came_impl": "pallas", "layer_group": 1}, False),
+    ({"came_impl": "pallas", "grad_accum": 2}, False), ({"name": "adamw"}, False)],
+    ids=["came_kernels", "came_8bit_kernels", "came_xla", "layer_groups", "accumulation", "adamw"])
+def test_step_hands_16bit_gradients_only_to_the_came_kernels(tmp_path, optim_changes, narrow):
+    """The step differentiates the bf16 compute copies (sana_jax.model.compute_copies) where CAME's kernels read
+    16-bit gradients, and the fp32 params elsewhere: the dtypes of the gradients the optimizer is handed, traced.
+    RMSNorm weights, applied at full width, always get fp32 gradients."""
+    from sana_jax.train.step import make_optimizer, state_shardings, train_step
+
+    model = MODEL.replace(compute_dtype="bfloat16", qk_norm=True, cross_norm=True)
+    cfg = tiny_config(str(tmp_path), tmp_path, model=model,
+                      optim=dataclasses.replace(OptimConfig(name="came", lr=1e-3, clip_grad_norm=0.1),
+                                                **optim_changes))
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx, handed = make_optimizer(cfg), {}
+
+    def spy_update(grads, state, params=None):
+        handed.update({jax.tree_util.keystr(path): g.dtype for path, g in jax.tree_util.tree_leaves_with_path(grads)})
+        return tx.update(grads, state, params)
+
+    spy = optax.GradientTransformation(tx.init, spy_update)
+    abstract, _ = state_shardings(cfg, mesh, tx)
+    length, channels = shapes.MAX_LENGTH, shapes.CAPTION_CHANNELS
+    batch = {"x0": jax.ShapeDtypeStruct((8, 8, 8, 48), jnp.float32),
+             "mask": jax.ShapeDtypeStruct((8, length), jnp.int32),
+             "y": jax.ShapeDtypeStruct((8, length, channels), jnp.float32),
+             "null_y": jax.ShapeDtypeStruct((length, channels), jnp.float32)}
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES), jax.set_mesh(mesh):
+        jax.eval_shape(train_step(cfg, spy), abstract, batch)
+    norm_weights = {name for name in handed if name.endswith("['weight']")}
+    assert len(norm_weights) == 5 and {handed[name] for name in norm_weights} == {jnp.dtype(jnp.float32)}
+    others = {handed[name] for name in handed if name not in norm_weights}
+    assert others == {jnp.dtype(jnp.bfloat16 if narrow else jnp.float32)}
 
 
 def resume_config(cache, out_dir) -> TrainConfig:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import sana_jax
 from sana_jax import optim
+from sana_jax.model import compute_copies
 from sana_jax.train import sharding
 from sana_jax.train.config import TrainConfig
 from sana_jax.train.flow import flow_matching_loss
@@ -86,8 +87,19 @@ def init_state(cfg: TrainConfig, tx, shardings: TrainState, params=None) -> Trai
     return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(params)
 
 
-def make_train_step(cfg: TrainConfig, mesh: Mesh, tx, shardings: TrainState, batch_shapes: dict):
-    """jit(step)(state, batch) -> (state, metrics {loss, grad_norm, lr-free}); state donated."""
+def _narrow_gradients(cfg: TrainConfig) -> bool:
+    """Whether the step differentiates the model's 16-bit compute copies of its weights (model.compute_copies),
+    handing the optimizer 16-bit gradients: half the bytes to write and read, the same update. Only where the
+    optimizer reads them at that width: CAME's Pallas kernels, without accumulation (optax.MultiSteps averages in
+    the gradients' dtype). Elsewhere it differentiates the fp32 params. Called while tracing, under the mesh."""
+    o = cfg.optim
+    return o.name in ("came", "came_8bit") and o.grad_accum == 1 and \
+        optim.reads_narrow_gradients(o.came_impl, o.layer_group)
+
+
+def train_step(cfg: TrainConfig, tx):
+    """step(state, batch) -> (state, metrics {loss, grad_norm}), not jitted: make_train_step jits it under the
+    mesh and the logical axis rules, which it needs when traced."""
     model = sana_jax.SanaTransformer(cfg.model)
     seed_key = jax.random.key(cfg.seed + 1)
 
@@ -97,7 +109,8 @@ def make_train_step(cfg: TrainConfig, mesh: Mesh, tx, shardings: TrainState, bat
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(seed_key, state.step)
         loss_fn = lambda p: flow_matching_loss(apply_fn, p, batch, rng, cfg.flow)  # noqa: E731
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        params = compute_copies(cfg.model, state.params) if _narrow_gradients(cfg) else state.params
+        loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
@@ -105,12 +118,18 @@ def make_train_step(cfg: TrainConfig, mesh: Mesh, tx, shardings: TrainState, bat
             decay = cfg.optim.ema_decay
             updated = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
             ema = jax.tree.map(lambda e, p: jnp.where(updated, decay * e + (1 - decay) * p, e), ema, params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optim.global_norm(grads)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
+    return step
+
+
+def make_train_step(cfg: TrainConfig, mesh: Mesh, tx, shardings: TrainState, batch_shapes: dict):
+    """jit(step)(state, batch) -> (state, metrics {loss, grad_norm}); state donated."""
     batch_sh = {k: (sharding.replicated(mesh) if k == "null_y" else sharding.batch_sharding(mesh, len(shape)))
                 for k, shape in batch_shapes.items()}
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
+    jitted = jax.jit(train_step(cfg, tx), in_shardings=(shardings, batch_sh),
+                     out_shardings=(shardings, sharding.replicated(mesh)),
                      donate_argnums=(0,))
 
     def run(state, batch):
