@@ -94,6 +94,14 @@ TOLERANCES.update({
     "dcae_bf16": 5e-2,
 })
 TOLERANCES.update({
+    # The train step with CAME's compiled kernels reading the bf16 gradients of the compute copies vs the same step
+    # with XLA's CAME on the fp32 params' gradients (tests/test_gpu.py): params after one step at lr 1e-4 of a bf16
+    # tiny model. Measured on H100: <= 9.2e-8 on every leaf but y_embedder.fc2.kernel, 3.5e-5 there (not traced;
+    # most likely XLA:GPU computes that fp32 gradient more finely than its bf16 rounding and CAME's normalisations
+    # of a 96 x 96 matrix magnify the difference); a wrong gradient or update is off by orders of magnitude more.
+    "train_step_came_kernels": 1e-4,
+})
+TOLERANCES.update({
     # Training loss trajectory over 10 steps, 8 simulated CPU devices (data 2 x fsdp 4) vs 1 device, fp32: the
     # sharded program sums gradients and norms in another order, and CAME divides by those sums every step.
     # The issue's target; measured 1.2e-6 at lr 1e-4 (at lr 1e-3 the same noise grows to 1.6e-4 by step 9).
