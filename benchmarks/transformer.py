@@ -18,7 +18,7 @@ anchors.
 
 GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/transformer.py forward
       python3 benchmarks/transformer.py train --models sana_1600m --batches 8 16 --remat none dots_saveable
-      (the fastest 1.6B step measured: --batches 16 --torch-batches 8 --remat none --set unroll_blocks=true)
+      (the fastest 1.6B step measured: --batches 24 --torch-batches 8 --remat none --set unroll_blocks=true)
 CPU smoke test (tiny config, no torch.compile):  python benchmarks/transformer.py forward --tiny
 """
 

@@ -54,6 +54,12 @@ the blocks scanned, unchanged (181.7 / 182.7 ms) with them unrolled (where, most
 gradients in place and the kernels need them copied into one stack first). Taking the norm from the sums saves
 one read of the fp32 gradients; the unrolled b16 step measured 309.9 -> 308.9 ms, within run-to-run spread.
 
+Gradients narrower than their parameters (bf16 gradients of fp32 weights: the train step differentiates the
+model's bf16 compute copies where `reads_narrow_gradients`) are updated as if widened to the parameter's dtype
+first, and the update has the parameter's dtype. The Pallas kernels read them at their own width (half the bytes);
+XLA's passes, and the layer groups, which write the direction over the gradient, widen them first. Bit-identical
+to widening in front on CPU; compiled on an H100, an ulp or two apart on some elements (tests/test_gpu.py).
+
 State layout: every state leaf keeps its parameter's rank; a factored statistic has size 1 on the axis it
 reduces (keepdims), 8-bit block statistics have size 1 on every per-layer axis but the rows, which become the
 block count. Unused slots hold a (1,)-shaped placeholder, as optax's `FactoredState`. `state_axes` derives the
