@@ -452,7 +452,7 @@ def _came_leaf(g: Array, mu: Array, stats: tuple[Array, ...], layout: LeafLayout
     takes its `square_sums` where the global norm was made from them, else computes them. `dtype` (default g's):
     the width g is clipped at, as optax would clip g.astype(dtype); the Pallas sums read g as it is."""
     v_row, v_col, v, r_row, r_col = stats
-    wide = g.astype(dtype or g.dtype)
+    wide = g if dtype is None else g.astype(dtype)
     if layout.factored:
         if square_sums is None:
             square_sums = sums.square_sums(g, layout)
@@ -712,7 +712,7 @@ def _came_transformation(hp: _Hyper, factorization: str, stacked: StackedFn | No
 
         def leaf_update(layout, g, *leaf_fields, square_sums=None, dtype=None):
             """(direction, *stored m, *stats) of one leaf."""
-            dtype = dtype or g.dtype
+            dtype = g.dtype if dtype is None else dtype
             stored_mu, stats = leaf_fields[:moment.n_fields], tuple(leaf_fields[moment.n_fields:])
             direction, mu, stats = _came_leaf(g, moment.load(stored_mu, layout), stats, layout, hp, clip, sums,
                                               square_sums, dtype)
