@@ -58,7 +58,8 @@ class SanaConfig:
     # 177 ms, compile 53 -> 60 s, peak 28.6 -> 32.8 GiB). Unrolled, a remat policy saves no memory: XLA computes
     # the rematerialised values beside the forward (1.6B b8: none 181.6 ms, dots_saveable 182.9 ms, the same 32.8
     # GiB peak; XLA:CPU's memory analysis says the same of "full"), so the batch is what fits without remat (1.6B:
-    # b16, 307.6-314.5 ms, 45.8-46.8% MFU, 50.6 GiB; b20 does not fit). Not the default: the unrolled 1.6B forward
+    # b24, 449.7 ms, 48.0% MFU, 68.4 GiB, with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; b16 under JAX's default 75%
+    # cap, 305.0-314.5 ms, 45.8-47.2% MFU, 50.6 GiB). Not the default: the unrolled 1.6B forward
     # at b32 did not finish compiling and timing within 160 s (38 s scanned), and the 4.8B was measured scanned,
     # with remat.
     unroll_blocks: bool = False
