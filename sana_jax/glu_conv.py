@@ -20,10 +20,11 @@ Two implementations of the same function:
                            (`_sigmoid`, within 1e-5) and its taps PTX FMAs (`_multiply_add`); outputs equal the
                            sibling's at SANA's shapes on H100.
                            Its backward (rows up to 32 pixels; XLA's vjp beyond) runs two kernels on column tiles
-                           (`_ColumnTile`, each kernel its own size: `backward_tiles`): one recomputes the SiLU'd input and the convolution and
-                           writes the cotangent of the convolution's fp32 output and per-program sums of the weight
-                           gradients; one applies the transposed convolution to that cotangent and differentiates
-                           the SiLU and the bias add. `interpret=True` runs them on any backend (tests).
+                           (`_ColumnTile`, each kernel its own size: `backward_tiles`): one recomputes the SiLU'd
+                           input and the convolution and writes the cotangent of the convolution's fp32 output and
+                           per-program sums of the weight gradients; one applies the transposed convolution to that
+                           cotangent and differentiates the SiLU and the bias add. `interpret=True` runs them on any
+                           backend (tests).
 """
 
 from __future__ import annotations

@@ -371,7 +371,8 @@ def _clipped(g: Array, clip: Clip) -> Array:
 
 def global_norm(grads) -> Array:
     """optax.tree.norm of a tree of gradients, squared and summed in fp32 whatever their dtype."""
-    return _global_norm(jax.tree.leaves(grads), [None] * len(jax.tree.leaves(grads)))
+    leaves = jax.tree.leaves(grads)
+    return _global_norm(leaves, [None] * len(leaves))
 
 
 def _global_norm(grads: Sequence[Array], square_sums: Sequence[SquareSums | None]) -> Array:
