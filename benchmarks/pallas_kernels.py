@@ -85,8 +85,8 @@ def bench_glu(shape, args, interpret):
 
 
 # (columns, channels, warps) of each backward kernel's sweep; rows: the default chunk.
-BACKWARD_TILES = [(8, 128, 4), (4, 128, 4), (2, 128, 4), (16, 128, 4), (8, 64, 2), (4, 64, 2), (8, 256, 8),
-                  (4, 256, 8), (8, 128, 8), (4, 32, 1)]
+BACKWARD_TILES = [(8, 128, 4), (4, 128, 4), (2, 128, 4), (8, 64, 2), (4, 64, 2), (2, 64, 1), (4, 128, 2),
+                  (2, 128, 2), (4, 256, 4), (4, 256, 8)]
 
 
 def sweep_backward_kernels(inputs, cotangent, grads_ref, args, interpret):

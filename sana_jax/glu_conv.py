@@ -48,10 +48,11 @@ def forward_tile(width: int) -> tuple[int, int, int]:
 
 def backward_tiles(width: int) -> tuple[tuple[int, int, int, None], tuple[int, int, int, None]]:
     """The two backward kernels' (columns, channels, warps, rows): part 1 (`_total_grad_kernel`) 4 columns x 64
-    channels x 2 warps, part 2 (`_input_grad_kernel`) 2 x 128 x 4, the default row chunk. Each kernel alone at 1.6B
-    b16 on H100: 1.07 and 0.95 ms against 1.34 and 1.27 ms on the forward's tile (RESULTS.md, eleventh session;
-    `--sweep backward` of benchmarks/pallas_kernels.py reruns it)."""
-    return (min(4, width), 64, 2, None), (min(2, width), 128, 4, None)
+    channels x 2 warps, part 2 (`_input_grad_kernel`) 4 x 256 x 4 (two channels per thread: one 32-bit load or store
+    per pixel and thread), the default row chunk. Each kernel alone at 1.6B b16 on H100: 0.77 and 0.61 ms, against
+    1.13 and 0.90 ms before their own-pixel loads moved a row ahead (RESULTS.md, thirteenth session; `--sweep
+    backward` of benchmarks/pallas_kernels.py reruns it)."""
+    return (min(4, width), 64, 2, None), (min(4, width), 256, 4, None)
 
 
 def _gate(dw_value, dw_gate, out_dtype, sigmoid=jax.nn.sigmoid):
@@ -129,20 +130,22 @@ def _multiply_add(x, k, total, interpret: bool):
     return out
 
 
-def _walk_rows(h0, row_chunk: int, load_row, prepare_row, visit, acc):
-    """Carries three prepared rows down the image: `acc = visit(r, (row r - 1, row r, row r + 1), acc)` for rows
-    r in [h0, h0 + row_chunk); `prepare_row(r, load_row(r))` makes a row, and row r + 2's loads are issued before
-    row r's visit (carried). Returns the final acc."""
+def _walk_rows(h0, row_chunk: int, load_row, prepare_row, visit, acc, load_own=lambda r: ()):
+    """Carries three prepared rows down the image: `acc = visit(r, (row r - 1, row r, row r + 1), own, acc)` for
+    rows r in [h0, h0 + row_chunk); `prepare_row(r, load_row(r))` makes a row and `own = load_own(r)` is what row r's
+    visit reads of its own pixels. Row r + 2's and r + 1's own loads are issued before row r's visit (carried), so
+    no load waits inside a visit. Returns the final acc."""
 
     def step(i, carry):
-        above, middle, loaded_below, acc = carry
+        above, middle, loaded_below, own, acc = carry
         r = h0 + i
-        loaded_next = load_row(r + 2)
+        loaded_next, own_next = load_row(r + 2), load_own(r + 1)
         below = prepare_row(r + 1, loaded_below)
-        return middle, below, loaded_next, visit(r, (above, middle, below), acc)
+        return middle, below, loaded_next, own_next, visit(r, (above, middle, below), own, acc)
 
-    first = (prepare_row(h0 - 1, load_row(h0 - 1)), prepare_row(h0, load_row(h0)), load_row(h0 + 1), acc)
-    return jax.lax.fori_loop(0, row_chunk, step, first)[3]
+    first = (prepare_row(h0 - 1, load_row(h0 - 1)), prepare_row(h0, load_row(h0)), load_row(h0 + 1), load_own(h0),
+             acc)
+    return jax.lax.fori_loop(0, row_chunk, step, first)[4]
 
 
 class _ColumnTile:
@@ -153,7 +156,9 @@ class _ColumnTile:
     shifts of the convolution pick list entries instead of reloading shifted tiles: every input pixel is loaded and
     SiLU'd once per program (plus the two halo columns). Three SiLU'd input rows ride down the image; output row r
     takes input rows r - 1, r, r + 1, its bias first and then its taps in (dy, dx) order, as the XLA sibling sums
-    them. Row r + 2's loads are issued before row r's arithmetic (carried).
+    them. Row r + 2's loads, and row r + 1's of the output pixels' own operands (the backward's cotangent or `pre`),
+    are issued before row r's arithmetic (carried). Loading those operands where they were used cost the backward
+    kernels a third of their time at 1.6B b16 on H100 (RESULTS.md, thirteenth session).
 
     Refs: y_ref pre [B*H*W, 2F] (flat); yb_ref pre_bias [2F]; k_ref [9, 2F] (activation dtype); b_ref [2F] fp32.
     """
@@ -176,9 +181,10 @@ class _ColumnTile:
         """This block's channels of the value (half 0) or gate (half 1) half."""
         return pl.ds(half * self.features + self.block * self.block_c, self.block_c)
 
-    def pixel(self, r, col, inside):
-        """Flat row of (b, r, col); 0 where outside (the access is masked there)."""
-        return jnp.where(inside, (self.b * self.height + r) * self.width + col, 0)
+    def pixel(self, r, col):
+        """Flat row of (b, r, col); outside the image the accesses are masked. No select on the index: the pointers
+        of a row's columns then differ by constants."""
+        return (self.b * self.height + r) * self.width + col
 
     def vector(self, ref, half: int, row=None):
         """[C_blk] fp32: of a [2F] vector, or row `row` of a [9, 2F] table."""
@@ -190,20 +196,22 @@ class _ColumnTile:
     def sigmoid(self, z):
         return _sigmoid(z, self.interpret)
 
-    def load_row(self, ref, r, half: int):
-        """Image row r of a [B*H*W, ...] ref, one [C_blk] vector per input column (tile_w + 2 of them), in ref's
-        dtype, zero outside the image."""
+    def load_row(self, ref, r, half: int, halo: bool = True):
+        """Image row r of a [B*H*W, ...] ref, one [C_blk] vector per input column (tile_w + 2 of them; without the
+        halo, the tile_w output columns), in ref's dtype, zero outside the image."""
         from jax.experimental.pallas import triton as plgpu
 
         row_inside = (r >= 0) & (r < self.height)
-        return tuple(plgpu.load(ref.at[self.pixel(r, col, row_inside & col_inside), self.columns(half)],
+        columns = self.in_columns if halo else self.in_columns[1:self.tile_w + 1]
+        return tuple(plgpu.load(ref.at[self.pixel(r, col), self.columns(half)],
                                 mask=self.valid_c & (row_inside & col_inside), other=0)
-                     for col_inside, col in self.in_columns)
+                     for col_inside, col in columns)
 
-    def walk(self, y_ref, yb_ref, k_ref, b_ref, epilogue, acc):
-        """Runs `acc = epilogue(at, inside, inputs, dw, acc)` on every output pixel of the program, in order: `at`
-        its flat row, `inside` whether it is in the image, `inputs[dy][dx]` (value, gate) its nine SiLU'd inputs,
-        `dw` (value, gate) its fp32 convolution outputs (bias included), all [C_blk]. Returns the final acc."""
+    def walk(self, y_ref, yb_ref, k_ref, b_ref, epilogue, acc, own_ref=None):
+        """Runs `acc = epilogue(at, inside, inputs, dw, own, acc)` on every output pixel of the program, in order:
+        `at` its flat row, `inside` whether it is in the image, `inputs[dy][dx]` (value, gate) its nine SiLU'd
+        inputs, `dw` (value, gate) its fp32 convolution outputs (bias included), `own` its pixel of own_ref's first
+        half [C_blk] (loaded a row ahead; None without own_ref). Returns the final acc."""
         dtype, halves = y_ref.dtype, (0, 1)
         pre_bias = [self.vector(yb_ref, half) for half in halves]
         taps = [[self.vector(k_ref, half, tap) for tap in range(9)] for half in halves]
@@ -226,7 +234,10 @@ class _ColumnTile:
                 out.append(tuple(silus))
             return tuple(out)
 
-        def visit(r, window, acc):  # window: SiLU'd input rows r - 1, r, r + 1
+        def load_own(r):
+            return () if own_ref is None else self.load_row(own_ref, r, 0, halo=False)
+
+        def visit(r, window, own, acc):  # window: SiLU'd input rows r - 1, r, r + 1
             for j in range(self.tile_w):
                 inputs = tuple(tuple(window[dy][j + dx] for dx in range(3)) for dy in range(3))
                 dw = []
@@ -239,10 +250,10 @@ class _ColumnTile:
                     dw.append(total)
                 col = self.w0 + j
                 inside = (col < self.width) & (r < self.h_end)
-                acc = epilogue(self.pixel(r, col, inside), inside, inputs, dw, acc)
+                acc = epilogue(self.pixel(r, col), inside, inputs, dw, own[j] if own else None, acc)
             return acc
 
-        return _walk_rows(self.h0, self.row_chunk, load_row, silu_row, visit, acc)
+        return _walk_rows(self.h0, self.row_chunk, load_row, silu_row, visit, acc, load_own)
 
 
 def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, **shape):
@@ -251,7 +262,7 @@ def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, **shape):
 
     tile = _ColumnTile(**shape)
 
-    def store(at, inside, inputs, dw, acc):
+    def store(at, inside, inputs, dw, own, acc):
         gated = _gate(dw[0], dw[1], o_ref.dtype, tile.sigmoid)
         plgpu.store(o_ref.at[at, tile.columns(0)], gated, mask=tile.valid_c & inside)
         return acc
@@ -331,11 +342,10 @@ def _total_grad_kernel(y_ref, yb_ref, k_ref, b_ref, ct_ref, dt_ref, dk_ref, db_r
     tile = _ColumnTile(**shape)
     halves = (0, 1)
 
-    def accumulate(at, inside, inputs, dw, acc):
+    def accumulate(at, inside, inputs, dw, cotangent, acc):
         dk, db = acc
         mask = tile.valid_c & inside
-        cotangent = plgpu.load(ct_ref.at[at, tile.columns(0)], mask=mask, other=0).astype(jnp.float32)
-        d_total = _gate_backward(dw[0], dw[1], cotangent, y_ref.dtype, tile.sigmoid)
+        d_total = _gate_backward(dw[0], dw[1], cotangent.astype(jnp.float32), y_ref.dtype, tile.sigmoid)
         new_dk, new_db = [], []
         for half in halves:
             d = jnp.where(inside, d_total[half], 0.0)
@@ -346,7 +356,7 @@ def _total_grad_kernel(y_ref, yb_ref, k_ref, b_ref, ct_ref, dt_ref, dk_ref, db_r
         return tuple(new_dk), tuple(new_db)
 
     zero = jnp.zeros((tile.block_c,), jnp.float32)
-    dk, db = tile.walk(y_ref, yb_ref, k_ref, b_ref, accumulate, (((zero,) * 9,) * 2, (zero,) * 2))
+    dk, db = tile.walk(y_ref, yb_ref, k_ref, b_ref, accumulate, (((zero,) * 9,) * 2, (zero,) * 2), own_ref=ct_ref)
     for half in halves:
         plgpu.store(db_ref.at[tile.program, tile.columns(half)], db[half], mask=tile.valid_c)
         for t in range(9):
@@ -370,7 +380,7 @@ def _input_grad_kernel(dt_ref, y_ref, yb_ref, k_ref, dy_ref, dyb_ref, **shape):
     def prepare_row(r, loaded):  # d_total of image row r per input column, fp32 (the loads are zero outside)
         return tuple(x.astype(jnp.float32) for x in loaded)
 
-    def visit(r, window, acc):  # window: d_total rows r - 1, r, r + 1
+    def visit(r, window, own, acc):  # window: d_total rows r - 1, r, r + 1; own: pre of row r
         for j in range(tile.tile_w):
             # d_padded[r + 1, c + 1] = sum over taps of d_total[r + 1 - dy, c + 1 - dx] * kernel[dy, dx]
             total = jnp.zeros((tile.block_c,), jnp.float32)
@@ -379,9 +389,8 @@ def _input_grad_kernel(dt_ref, y_ref, yb_ref, k_ref, dy_ref, dyb_ref, **shape):
                     total = _multiply_add(window[2 - dy][j + 2 - dx], taps[3 * dy + dx], total, tile.interpret)
             col = tile.w0 + j
             inside = (col < tile.width) & (r < tile.h_end)
-            at, mask = tile.pixel(r, col, inside), tile.valid_c & inside
-            pre = plgpu.load(y_ref.at[at, tile.columns(0)], mask=mask, other=0).astype(jnp.float32)
-            z = (pre + pre_bias).astype(dtype).astype(jnp.float32)
+            at, mask = tile.pixel(r, col), tile.valid_c & inside
+            z = (own[j].astype(jnp.float32) + pre_bias).astype(dtype).astype(jnp.float32)
             sig = tile.sigmoid(z)
             d_silu = total.astype(dtype).astype(jnp.float32)
             d_pre = (d_silu * sig + d_silu * z * (1.0 - sig) * sig).astype(dtype)
@@ -390,8 +399,9 @@ def _input_grad_kernel(dt_ref, y_ref, yb_ref, k_ref, dy_ref, dyb_ref, **shape):
         return acc
 
     load_row = functools.partial(tile.load_row, dt_ref, half=0)
+    load_own = functools.partial(tile.load_row, y_ref, half=0, halo=False)
     d_pre_bias = _walk_rows(tile.h0, tile.row_chunk, load_row, prepare_row, visit,
-                            jnp.zeros((tile.block_c,), jnp.float32))
+                            jnp.zeros((tile.block_c,), jnp.float32), load_own)
     plgpu.store(dyb_ref.at[tile.program, tile.columns(0)], d_pre_bias, mask=tile.valid_c)
 
 
