@@ -157,8 +157,9 @@ class _ColumnTile:
     SiLU'd once per program (plus the two halo columns). Three SiLU'd input rows ride down the image; output row r
     takes input rows r - 1, r, r + 1, its bias first and then its taps in (dy, dx) order, as the XLA sibling sums
     them. Row r + 2's loads, and row r + 1's of the output pixels' own operands (the backward's cotangent or `pre`),
-    are issued before row r's arithmetic (carried). Loading those operands where they were used cost the backward
-    kernels a third of their time at 1.6B b16 on H100 (RESULTS.md, thirteenth session).
+    are issued before row r's arithmetic (carried). With those operands loaded where they were used, and a select
+    on every pixel index (`pixel`), the backward kernels took 1.47x and 1.21x as long at 1.6B b16 on H100 on their
+    old tiles (RESULTS.md, thirteenth session).
 
     Refs: y_ref pre [B*H*W, 2F] (flat); yb_ref pre_bias [2F]; k_ref [9, 2F] (activation dtype); b_ref [2F] fp32.
     """
