@@ -58,6 +58,19 @@ def test_pallas_kernels_backward_sweep():
     assert not any(r["op"].startswith("litela") for r in records)
 
 
+def test_kernel_code_counts_each_glu_kernel_loop():
+    """The GLU kernels compile for sm_90 on a CPU machine; each report names its tile and finds the row loop: every
+    tap of the tiny shape's 2-column tiles is an FFMA in it (the forward: 2 halves x 9 per output; part 1 also the
+    kernel gradients; part 2: 9 per input channel, two channels per thread), and nothing spills."""
+    records = bench("kernel_code", "--tiny")
+    assert [(r["kernel"], r["tile"]) for r in records] == [
+        ("silu_glu_dwconv", [2, 128, 4]), ("glu_dwconv_bwd_total", [2, 64, 2]), ("glu_dwconv_bwd_input", [2, 256, 4])]
+    for record, taps in zip(records, (2 * 18, 2 * 36, 2 * 2 * 9)):
+        assert record["opcodes"]["FFMA"] >= taps and record["local_bytes"] == 0, record
+        assert record["per_element"] * 2 * max(1, record["tile"][1] // (32 * record["tile"][2])) == pytest.approx(
+            record["loop_instructions"]), record
+
+
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_profile_benchmark(mode):
     records = bench("profile_jax", mode, "--tiny", "--top", "3")
