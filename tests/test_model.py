@@ -192,10 +192,14 @@ def test_patch_size_2_and_odd_grid():
 
 
 def test_attention_over_kept_keys_equals_the_masked_softmax():
-    """The cuDNN path's reformulation (kept keys moved to the front, a length per image), run here through XLA's
-    dot_product_attention, against SANA's additive -10000 mask on awkward masks: right-padded, holes, one key,
+    """The cuDNN path's reformulation (kept keys moved to the front once, a length per image), run here through
+    XLA's dot_product_attention, against SANA's additive -10000 mask on awkward masks: right-padded, holes, one key,
     none kept (the -10000 then shifts every logit alike)."""
-    from sana_jax.model import attention_over_kept_keys
+    from sana_jax.model import attention_over_leading_keys, kept_keys_first
+
+    def attention_over_kept_keys(q, k, v, mask_bias, implementation):
+        mask_bias, k, v = kept_keys_first(mask_bias, k, v)
+        return attention_over_leading_keys(q, k, v, mask_bias, implementation)
 
     rng = np.random.default_rng(0)
     b, n, length, h, d = 5, 7, 11, 3, 8
@@ -234,3 +238,24 @@ def test_permute_rows_gradient_is_the_inverse_permutation():
     out, vjp = jax.vjp(lambda a: permute_rows(a, order), x)
     np.testing.assert_array_equal(out, gather(x))
     np.testing.assert_array_equal(vjp(cotangent)[0], jax.vjp(gather, x)[1](cotangent)[0])
+
+
+def test_linear_in_parts_equals_the_split_product():
+    """`Linear(parts=2)` (kv_linear: keys and values from products of their own) computes the column blocks of the
+    one product, with the same parameters, with or without a bias. A product of other width may sum in another
+    order (XLA:CPU's fp32 differs in the last bits), so the comparison is at the fp32 / bf16 tolerances."""
+    from sana_jax.model import Linear
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32)
+    for dtype, use_bias, tolerance in [("float32", True, "tiny_fp32"), ("bfloat16", True, "tiny_bf16"),
+                                       ("float32", False, "tiny_fp32")]:
+        cfg = configs.TINY.replace(compute_dtype=dtype)
+        whole, parts = (Linear(10, cfg, ("embed", "heads"), use_bias=use_bias, parts=n) for n in (1, 2))
+        params = perturb_params(whole.init(jax.random.key(0), x)["params"])
+        assert set(params) == ({"kernel", "bias"} if use_bias else {"kernel"})
+        y = whole.apply({"params": params}, x)
+        first, second = parts.apply({"params": params}, x)
+        assert first.shape == second.shape == (2, 5, 5) and first.dtype == y.dtype
+        assert_close(f"Linear in 2 parts ({dtype}, bias {use_bias})", y,
+                     jnp.concatenate([first, second], axis=-1), tolerance)
