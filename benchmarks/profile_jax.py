@@ -60,20 +60,21 @@ def device_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
 
 
-def hlo_sources(hlo_dir: str) -> dict[str, str]:
-    """Fusion / kernel name -> the JAX op_name XLA recorded for it, from the largest optimized HLO dump of the
-    profiled program (run with XLA_FLAGS=--xla_dump_to=hlo_dir)."""
-    dumps = glob.glob(os.path.join(hlo_dir, "*jit_step*after_optimizations.txt")) or \
-        glob.glob(os.path.join(hlo_dir, "*jit__lambda*after_optimizations.txt"))
-    if not dumps:
-        return {}
-    sources = {}
-    with open(max(dumps, key=os.path.getsize)) as f:
-        for line in f:
-            match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
-            if match:  # kernels are named after their HLO instruction with "." -> "_"
-                sources.setdefault(match.group(1).replace(".", "_"), match.group(2))
-    return sources
+def hlo_sources(hlo_dir: str, kernel_names: set[str]) -> dict[str, str]:
+    """Fusion / kernel name -> the JAX op_name XLA recorded for it, from the optimized HLO dump of the profiled
+    program (run with XLA_FLAGS=--xla_dump_to=hlo_dir): of every program compiled (parameter init, the step...),
+    the dump that names the most of the trace's kernels."""
+    best: dict[str, str] = {}
+    for path in glob.glob(os.path.join(hlo_dir, "*after_optimizations.txt")):
+        sources = {}
+        with open(path) as f:
+            for line in f:
+                match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
+                if match:  # kernels are named after their HLO instruction with "." -> "_"
+                    sources.setdefault(match.group(1).replace(".", "_"), match.group(2))
+        if len(kernel_names & sources.keys()) > len(kernel_names & best.keys()):
+            best = sources
+    return best
 
 
 def hlo_op(event: dict) -> str:
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         for _ in range(args.calls):
             captured["sync"](captured["fn"]())
     events = device_events(trace_dir)
-    sources = hlo_sources(args.hlo_dir) if args.hlo_dir else {}
+    sources = hlo_sources(args.hlo_dir, {hlo_op(e) for e in events}) if args.hlo_dir else {}
     totals, counts, by_scope = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
         totals[e["name"]] += e["dur"] / 1e3 / args.calls
