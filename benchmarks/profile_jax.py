@@ -4,7 +4,9 @@ Runs the same programs as benchmarks/transformer.py (its `forward` / `train` set
 with a Perfetto trace, then sums the device kernels by name. Prints one JSON line per kernel name among the top
 `--top` (total ms per call, share of device time, launches per call) and one line of totals by category
 (matmul libraries, the model's Pallas kernels, fusions, copies, other), so a change can be predicted and checked
-against the breakdown.
+against the breakdown. With `--hlo-dir` each kernel also gets its JAX op, each fusion the HBM bytes it moves per
+launch and the rate it moved them at, the totals a split by pass and part of the model, and the summary the FLOPs
+of the program's cuBLAS GEMMs and their rate over the matmul time (`hlo_costs`).
 
 GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/profile_jax.py forward --model sana_600m --batch 32
 CPU:  python benchmarks/profile_jax.py forward --tiny   (host threads only; a smoke test of the plumbing)
@@ -60,21 +62,89 @@ def device_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
 
 
-def hlo_sources(hlo_dir: str, kernel_names: set[str]) -> dict[str, str]:
-    """Fusion / kernel name -> the JAX op_name XLA recorded for it, from the optimized HLO dump of the profiled
-    program (run with XLA_FLAGS=--xla_dump_to=hlo_dir): of every program compiled (parameter init, the step...),
-    the dump that names the most of the trace's kernels."""
-    best: dict[str, str] = {}
+def _op_names(path: str) -> dict[str, str]:
+    """Kernel name -> JAX op_name of every instruction of one optimized HLO dump (kernels are named after their HLO
+    instruction with "." -> "_")."""
+    sources = {}
+    with open(path) as f:
+        for line in f:
+            match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
+            if match:
+                sources.setdefault(match.group(1).replace(".", "_"), match.group(2))
+    return sources
+
+
+def profiled_hlo(hlo_dir: str, kernel_names: set[str]) -> str | None:
+    """The optimized HLO dump of the profiled program (run with XLA_FLAGS=--xla_dump_to=hlo_dir): of every program
+    compiled (parameter init, the step...), the dump that names the most of the trace's kernels."""
+    best, best_count = None, 0
     for path in glob.glob(os.path.join(hlo_dir, "*after_optimizations.txt")):
-        sources = {}
-        with open(path) as f:
-            for line in f:
-                match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
-                if match:  # kernels are named after their HLO instruction with "." -> "_"
-                    sources.setdefault(match.group(1).replace(".", "_"), match.group(2))
-        if len(kernel_names & sources.keys()) > len(kernel_names & best.keys()):
-            best = sources
+        count = len(kernel_names & _op_names(path).keys())
+        if count > best_count:
+            best, best_count = path, count
     return best
+
+
+def hlo_sources(hlo_dir: str, kernel_names: set[str]) -> dict[str, str]:
+    """Fusion / kernel name -> the JAX op_name XLA recorded for it, from `profiled_hlo`."""
+    path = profiled_hlo(hlo_dir, kernel_names)
+    return _op_names(path) if path else {}
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(pred|bf16|[fsu](?:8|16|32|64))\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\([^=]*?\)|\S+) ")
+
+
+def _arrays(text: str) -> list[tuple[str, list[int]]]:
+    return [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims in _ARRAY.findall(text)]
+
+
+def _bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _arrays(text):
+        count = 1
+        for d in dims:
+            count *= d
+        total += _DTYPE_BYTES[dtype] * count
+    return total
+
+
+def hlo_costs(path: str) -> tuple[dict[str, int], float]:
+    """From one optimized HLO dump: (kernel name -> HBM bytes of each fusion, the FLOPs of its cuBLAS GEMMs).
+
+    A fusion's bytes are its fused computation's parameters and results, each counted once: what an ideal kernel
+    reads and writes (an in-place update of a slice counts its whole buffer). A GEMM's FLOPs are 2 x its output's
+    elements x the contracted size of its left operand."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    computations, shapes, fusions, flops = {}, {}, {}, 0.0
+    for line in lines:
+        header = re.match(r"%([\w.\-]+) \((.*)\) -> (.*) \{$", line)
+        if header:
+            computations[header.group(1)] = _bytes(header.group(2)) + _bytes(header.group(3))
+            continue
+        match = _INSTRUCTION.match(line)
+        if match:
+            shapes[match.group(1)] = [dims for _, dims in _arrays(match.group(2))]
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        called = re.search(r" fusion\(.*calls=%([\w.\-]+)", line)
+        if called and called.group(1) in computations:
+            fusions[match.group(1).replace(".", "_")] = computations[called.group(1)]
+        if re.search(r'custom_call_target="__cublas\$(?:lt\$matmul|gemm)"', line):
+            lhs = re.search(r"custom-call\(%?([\w.\-]+(?:#\d+)?)", line).group(1)
+            name, _, index = lhs.partition("#")
+            contracted = int(re.search(r'"lhs_contracting_dimensions":\["(\d+)"\]', line).group(1))
+            out = shapes[match.group(1)][0]
+            count = 1
+            for d in out:
+                count *= d
+            flops += 2 * count * shapes[name][int(index or 0)][contracted]
+    return fusions, flops
 
 
 def hlo_op(event: dict) -> str:
@@ -140,7 +210,9 @@ def main(argv=None) -> int:
         for _ in range(args.calls):
             captured["sync"](captured["fn"]())
     events = device_events(trace_dir)
-    sources = hlo_sources(args.hlo_dir, {hlo_op(e) for e in events}) if args.hlo_dir else {}
+    hlo = profiled_hlo(args.hlo_dir, {hlo_op(e) for e in events}) if args.hlo_dir else None
+    sources = _op_names(hlo) if hlo else {}
+    fusion_bytes, gemm_flops = hlo_costs(hlo) if hlo else ({}, 0.0)
     totals, counts, by_scope = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
         totals[e["name"]] += e["dur"] / 1e3 / args.calls
@@ -154,13 +226,20 @@ def main(argv=None) -> int:
                   "launches": round(counts[name], 1), "category": category(name)}
         if name in sources:
             record["jax_op"] = sources[name][-200:]
+        if name in fusion_bytes:  # identical fusions share one kernel: the same bytes per launch
+            record["gb_per_launch"] = round(fusion_bytes[name] / 1e9, 4)
+            record["tb_per_s"] = round(fusion_bytes[name] * counts[name] / ms / 1e9, 2)
         print(json.dumps(record))
     by_category = collections.Counter()
     for name, ms in totals.items():
         by_category[category(name)] += ms
-    print(json.dumps({**base, "summary": True, "device_ms_per_call": round(device_ms, 3),
-                      "kernels_per_call": round(sum(counts.values()), 1),
-                      **{f"{k}_ms": round(v, 3) for k, v in by_category.most_common()}}))
+    summary = {**base, "summary": True, "device_ms_per_call": round(device_ms, 3),
+               "kernels_per_call": round(sum(counts.values()), 1),
+               **{f"{k}_ms": round(v, 3) for k, v in by_category.most_common()}}
+    if gemm_flops and by_category["matmul"]:  # the matmul category also holds cuDNN's and Triton's products
+        summary["gemm_tflop"] = round(gemm_flops / 1e12, 3)
+        summary["gemm_tflops_per_s"] = round(gemm_flops / by_category["matmul"] / 1e9, 1)
+    print(json.dumps(summary))
     if sources:  # device ms per call by pass and part of the model
         print(json.dumps({**base, "by_scope": {k: round(v, 3) for k, v in by_scope.most_common()}}))
     return 0

@@ -111,6 +111,28 @@ def test_profile_takes_the_hlo_of_the_profiled_program(tmp_path):
     assert sources == {"fusion_3": "jit(step)/blocks/add", "loop_add_fusion_1": "jit(step)/blocks/mul"}
 
 
+def test_profile_counts_fusion_bytes_and_gemm_flops(tmp_path):
+    """hlo_costs reads each fusion's HBM bytes off its fused computation (operands and results) and the FLOPs of the
+    cuBLAS GEMMs (2 x output x contracted size, the left operand taken through a tuple index)."""
+    from benchmarks.profile_jax import hlo_costs
+
+    dump = tmp_path / "module_2.jit_step.after_optimizations.txt"
+    dump.write_text(
+        "%fused_add (param_0.1: bf16[24,1024,2240], param_1.2: bf16[1,2240]) -> bf16[24,1024,2240] {\n"
+        "  ROOT %add.1 = bf16[24,1024,2240]{2,1,0} add(%param_0.1, %param_1.2)\n"
+        "}\n\n"
+        "ENTRY %main (p.0: bf16[7,3,5], p.1: bf16[5,4]) -> bf16[3,4] {\n"
+        "  %pallas_call.2 = (f32[2], bf16[3,5]{1,0}) custom-call(%p.0), custom_call_target=\"__gpu$xla.gpu.triton\"\n"
+        "  %custom-call.7 = (bf16[3,4]{1,0}, s8[1024]{0}) custom-call(%pallas_call.2#1, %p.1), "
+        'custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":'
+        '{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}\n'
+        "  %loop_add_fusion.3 = bf16[24,1024,2240]{2,1,0} fusion(%x, %y), kind=kLoop, calls=%fused_add\n"
+        "}\n")
+    fusions, flops = hlo_costs(str(dump))
+    assert fusions == {"loop_add_fusion_3": 2 * (2 * 24 * 1024 * 2240 + 2240)}
+    assert flops == 2 * 3 * 4 * 5
+
+
 def test_profile_names_every_pallas_kernel_of_the_model():
     """profile_jax's "pallas" category lists exactly the `name=` of the model's and CAME's pallas_calls (lowered
     for CUDA)."""
