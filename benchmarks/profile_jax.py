@@ -19,6 +19,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import sys
@@ -62,7 +63,7 @@ def device_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
 
 
-def _op_names(path: str) -> dict[str, str]:
+def op_names(path: str) -> dict[str, str]:
     """Kernel name -> JAX op_name of every instruction of one optimized HLO dump (kernels are named after their HLO
     instruction with "." -> "_")."""
     sources = {}
@@ -79,16 +80,10 @@ def profiled_hlo(hlo_dir: str, kernel_names: set[str]) -> str | None:
     compiled (parameter init, the step...), the dump that names the most of the trace's kernels."""
     best, best_count = None, 0
     for path in glob.glob(os.path.join(hlo_dir, "*after_optimizations.txt")):
-        count = len(kernel_names & _op_names(path).keys())
+        count = len(kernel_names & op_names(path).keys())
         if count > best_count:
             best, best_count = path, count
     return best
-
-
-def hlo_sources(hlo_dir: str, kernel_names: set[str]) -> dict[str, str]:
-    """Fusion / kernel name -> the JAX op_name XLA recorded for it, from `profiled_hlo`."""
-    path = profiled_hlo(hlo_dir, kernel_names)
-    return _op_names(path) if path else {}
 
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -102,13 +97,7 @@ def _arrays(text: str) -> list[tuple[str, list[int]]]:
 
 
 def _bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in _arrays(text):
-        count = 1
-        for d in dims:
-            count *= d
-        total += _DTYPE_BYTES[dtype] * count
-    return total
+    return sum(_DTYPE_BYTES[dtype] * math.prod(dims) for dtype, dims in _arrays(text))
 
 
 def hlo_costs(path: str) -> tuple[dict[str, int], float]:
@@ -139,11 +128,8 @@ def hlo_costs(path: str) -> tuple[dict[str, int], float]:
             lhs = re.search(r"custom-call\(%?([\w.\-]+(?:#\d+)?)", line).group(1)
             name, _, index = lhs.partition("#")
             contracted = int(re.search(r'"lhs_contracting_dimensions":\["(\d+)"\]', line).group(1))
-            out = shapes[match.group(1)][0]
-            count = 1
-            for d in out:
-                count *= d
-            flops += 2 * count * shapes[name][int(index or 0)][contracted]
+            output = shapes[match.group(1)][0]
+            flops += 2 * math.prod(output) * shapes[name][int(index or 0)][contracted]
     return fusions, flops
 
 
@@ -211,7 +197,7 @@ def main(argv=None) -> int:
             captured["sync"](captured["fn"]())
     events = device_events(trace_dir)
     hlo = profiled_hlo(args.hlo_dir, {hlo_op(e) for e in events}) if args.hlo_dir else None
-    sources = _op_names(hlo) if hlo else {}
+    sources = op_names(hlo) if hlo else {}
     fusion_bytes, gemm_flops = hlo_costs(hlo) if hlo else ({}, 0.0)
     totals, counts, by_scope = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:

@@ -100,14 +100,14 @@ def test_profile_attributes_ops_to_passes_and_parts_of_the_model():
 def test_profile_takes_the_hlo_of_the_profiled_program(tmp_path):
     """XLA dumps every program compiled (the parameter init is larger than the 1.6B forward): the kernels are
     named from the dump that names the most of the trace's kernels, not from the largest."""
-    from benchmarks.profile_jax import hlo_sources
+    from benchmarks.profile_jax import op_names, profiled_hlo
 
     init = "".join(f'  %fusion.{i} = f32[9] fusion(), metadata={{op_name="jit(init)/x{i}"}}\n' for i in range(50))
     (tmp_path / "module_1.jit_init.after_optimizations.txt").write_text(init)
     (tmp_path / "module_2.jit_step.after_optimizations.txt").write_text(
         '  %fusion.3 = f32[9] fusion(), metadata={op_name="jit(step)/blocks/add"}\n'
         '  ROOT %loop_add_fusion.1 = f32[9] fusion(), metadata={op_name="jit(step)/blocks/mul"}\n')
-    sources = hlo_sources(str(tmp_path), {"fusion_3", "loop_add_fusion_1", "nvjet_sm90"})
+    sources = op_names(profiled_hlo(str(tmp_path), {"fusion_3", "loop_add_fusion_1", "nvjet_sm90"}))
     assert sources == {"fusion_3": "jit(step)/blocks/add", "loop_add_fusion_1": "jit(step)/blocks/mul"}
 
 
