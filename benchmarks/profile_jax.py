@@ -5,7 +5,7 @@ with a Perfetto trace, then sums the device kernels by name. Prints one JSON lin
 `--top` (total ms per call, share of device time, launches per call) and one line of totals by category
 (matmul libraries, the model's Pallas kernels, fusions, copies, other), so a change can be predicted and checked
 against the breakdown. With `--hlo-dir` each kernel also gets its JAX op, each fusion the HBM bytes it moves per
-launch and the rate it moved them at, the totals a split by pass and part of the model, and the summary the FLOPs
+launch and the rate it moved them at, a split of the totals by pass and part of the model, and in the summary the FLOPs
 of the program's cuBLAS GEMMs and their rate over the matmul time (`hlo_costs`).
 
 GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/profile_jax.py forward --model sana_600m --batch 32
@@ -28,10 +28,10 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-# The `name=` of the pallas_calls of the model (sana_jax.glu_conv, sana_jax.linear_attention) and of CAME
-# (sana_jax.came_kernels): their kernels keep it.
+# The `name=` of the pallas_calls of the model (sana_jax.glu_conv, sana_jax.linear_attention), of CAME
+# (sana_jax.came_kernels) and of the training step (sana_jax.layer_stack): their kernels keep it.
 PALLAS_KERNELS = ("silu_glu_dwconv", "glu_dwconv_bwd_total", "glu_dwconv_bwd_input", "litela_state", "litela_output",
-                  "litela_query_grad", "litela_key_grad", "came_square_sums", "came_confidence")
+                  "litela_query_grad", "litela_key_grad", "came_square_sums", "came_confidence", "stack_layers")
 
 
 def category(name: str) -> str:

@@ -134,15 +134,15 @@ def test_profile_counts_fusion_bytes_and_gemm_flops(tmp_path):
 
 
 def test_profile_names_every_pallas_kernel_of_the_model():
-    """profile_jax's "pallas" category lists exactly the `name=` of the model's and CAME's pallas_calls (lowered
-    for CUDA)."""
+    """profile_jax's "pallas" category lists exactly the `name=` of the model's, CAME's and the training step's
+    pallas_calls (lowered for CUDA)."""
     import re
 
     import jax
     import jax.numpy as jnp
 
     from benchmarks.profile_jax import PALLAS_KERNELS
-    from sana_jax import came_kernels, glu_conv, linear_attention
+    from sana_jax import came_kernels, glu_conv, layer_stack, linear_attention
 
     glu_args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((1, 3, 5, 160), (160,), (3, 3, 160), (160,))]
     glu = lambda *a: glu_conv.silu_glu_dwconv_pallas(*a, False)  # noqa: E731
@@ -157,7 +157,8 @@ def test_profile_names_every_pallas_kernel_of_the_model():
     programs = [(glu, glu_args), (lambda *a: jax.vjp(glu, *a)[1](cotangent), glu_args),
                 (litela, [qkv]), (lambda a: jax.vjp(litela, a)[1](jnp.zeros((1, 70, 64), jnp.bfloat16)), [qkv]),
                 (came_kernels.square_sums, [grad]),
-                (lambda g, m: came_kernels.confidence(g, m, *factors, 0.9, 1e-16), [grad, grad])]
+                (lambda g, m: came_kernels.confidence(g, m, *factors, 0.9, 1e-16), [grad, grad]),
+                (lambda *a: layer_stack._stack_pallas(a, interpret=False), [grad] * 5)]
     names = set()
     for fn, args in programs:
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -175,7 +175,8 @@ def test_came_kernels_compiled_match_xla():
                                 _came_inner(out_state).mu)
 
 
-def test_train_step_hands_the_compiled_came_kernels_bf16_gradients():
+@pytest.mark.parametrize("unroll_blocks", [False, True])  # True: per layer, stacked by the copy kernel
+def test_train_step_hands_the_compiled_came_kernels_bf16_gradients(unroll_blocks):
     """The train step on one CUDA GPU (came_impl auto: the compiled kernels, reading the bf16 gradients of
     sana_jax.model.compute_copies) against the same step with XLA's CAME (the fp32 params' gradients), on a bf16
     model: the first loss (the same forward) and the params after one step. Later steps are not compared: any
@@ -194,7 +195,7 @@ def test_train_step_hands_the_compiled_came_kernels_bf16_gradients():
     params = sana_jax.perturb_params(sana_jax.init_params(sana_jax.SanaTransformer(CONFIG), jax.random.key(0)))
 
     def train(impl):
-        cfg = TrainConfig(model=CONFIG.replace(compute_dtype="bfloat16"), batch_size=5,
+        cfg = TrainConfig(model=CONFIG.replace(compute_dtype="bfloat16", unroll_blocks=unroll_blocks), batch_size=5,
                           optim=OptimConfig(name="came", lr=1e-4, warmup_steps=0, clip_grad_norm=0.1, came_impl=impl))
         mesh = sharding.make_mesh(cfg.mesh)
         tx = make_optimizer(cfg)
@@ -212,3 +213,13 @@ def test_train_step_hands_the_compiled_came_kernels_bf16_gradients():
     for name, err in errors.items():
         print(f"train step, came kernels vs xla, {name}: {err:.3e}")
     assert max(errors.values()) <= TOLERANCES["train_step_came_kernels"], errors
+
+
+def test_compiled_layer_stack_kernel_is_jnp_stack():
+    from sana_jax.layer_stack import stack_layers
+
+    rng = np.random.default_rng(0)
+    for count, shape, dtype in ((20, (40, 301), jnp.bfloat16), (5, (3, 8200), jnp.float32), (7, (1,), jnp.bfloat16)):
+        arrays = [jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(count)]
+        out = jax.jit(lambda *a: stack_layers(a, "pallas"))(*arrays)
+        assert bool(jnp.array_equal(out, jnp.stack(arrays))), (count, shape, dtype)

@@ -236,3 +236,24 @@ def test_kernels_run_per_device_on_a_batch_sharded_mesh(data, fsdp, tensor):
     assert result["kernel_batches"] == [8 // (data * fsdp)], result  # every kernel launch: its device's images
     assert result["loss"] <= TOLERANCES["tiny_fp32"], result
     assert result["grads"] <= TOLERANCES["tiny_fp32_grad"], result
+
+
+@pytest.mark.parametrize("count, shape, dtype", [
+    (6, (3, 7, 5), jnp.bfloat16),  # fewer elements than one block
+    (5, (3, 8200), jnp.float32),  # three blocks, the last partial
+    (1, (2, 2), jnp.bfloat16),
+])
+def test_layer_stack_kernel_is_jnp_stack(count, shape, dtype):
+    from sana_jax import layer_stack
+    from sana_jax.layer_stack import stack_layers
+
+    rng = np.random.default_rng(count)
+    arrays = [jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(count)]
+    out = jax.jit(lambda *a: stack_layers(a, "pallas"))(*arrays)
+    assert out.dtype == dtype and bool(jnp.array_equal(out, jnp.stack(arrays)))
+    compiled = jax.jit(lambda *a: layer_stack._stack_pallas(a, interpret=False))
+    assert "stack_layers" in compiled.trace(*arrays).lower(lowering_platforms=("cuda",)).as_text()  # lowers for CUDA
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        stack_layers(arrays + [jnp.zeros((1,), dtype)])
+    with pytest.raises(ValueError, match="impl must be"):
+        stack_layers(arrays, "cuda")

@@ -146,18 +146,21 @@ def test_bad_configs_fail_before_compiling(cache, tmp_path):
         train(tiny_config(cache, tmp_path / "b", mesh=MeshConfig(data=3)))
 
 
-@pytest.mark.parametrize("optim_changes, narrow", [
-    ({"came_impl": "pallas"}, True), ({"name": "came_8bit", "came_impl": "pallas"}, True),
-    ({"came_impl": "xla"}, False), ({"came_impl": "pallas", "layer_group": 1}, False),
-    ({"came_impl": "pallas", "grad_accum": 2}, False), ({"name": "adamw"}, False)],
-    ids=["came_kernels", "came_8bit_kernels", "came_xla", "layer_groups", "accumulation", "adamw"])
-def test_step_hands_16bit_gradients_only_to_the_came_kernels(tmp_path, optim_changes, narrow):
+@pytest.mark.parametrize("optim_changes, narrow, unrolled", [
+    ({"came_impl": "pallas"}, True, False), ({"name": "came_8bit", "came_impl": "pallas"}, True, False),
+    ({"came_impl": "pallas"}, True, True),
+    ({"came_impl": "xla"}, False, False), ({"came_impl": "pallas", "layer_group": 1}, False, False),
+    ({"came_impl": "pallas", "grad_accum": 2}, False, False), ({"name": "adamw"}, False, False)],
+    ids=["came_kernels", "came_8bit_kernels", "came_kernels_unrolled", "came_xla", "layer_groups", "accumulation",
+         "adamw"])
+def test_step_hands_16bit_gradients_only_to_the_came_kernels(tmp_path, optim_changes, narrow, unrolled):
     """The step differentiates the bf16 compute copies (sana_jax.model.compute_copies) where CAME's kernels read
-    16-bit gradients, and the fp32 params elsewhere: the dtypes of the gradients the optimizer is handed, traced.
-    RMSNorm weights, applied at full width, always get fp32 gradients."""
+    16-bit gradients, and the fp32 params elsewhere: the dtypes of the gradients the optimizer is handed, traced
+    (unrolled: layer by layer, `per_layer_value_and_grad`). RMSNorm weights, applied at full width, always get fp32
+    gradients."""
     from sana_jax.train.step import make_optimizer, state_shardings, train_step
 
-    model = MODEL.replace(compute_dtype="bfloat16", qk_norm=True, cross_norm=True)
+    model = MODEL.replace(compute_dtype="bfloat16", qk_norm=True, cross_norm=True, unroll_blocks=unrolled)
     cfg = tiny_config(str(tmp_path), tmp_path, model=model,
                       optim=dataclasses.replace(OptimConfig(name="came", lr=1e-3, clip_grad_norm=0.1),
                                                 **optim_changes))
@@ -359,3 +362,35 @@ def test_sample_decoders(tmp_path):
     np.testing.assert_allclose(decode(latents), np.asarray(expected), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="latent channels"):
         samples.make_decoder(str(folder), 32, 0.5)
+
+
+def test_per_layer_gradients_equal_the_stacked_ones_without_the_layers_concatenate():
+    """per_layer_value_and_grad (the unrolled step's) gives value_and_grad's loss and gradients bit for bit, and with
+    the copy kernel (interpreted here) XLA keeps no concatenate of the layers' gradients: it folds the loss's
+    re-stacking into the unrolled scan's slicing, both ways."""
+    import re
+
+    import sana_jax
+    from sana_jax.train.step import per_layer_value_and_grad
+
+    cfg = MODEL.replace(unroll_blocks=True, depth=5)
+    model = sana_jax.SanaTransformer(cfg)
+    params = sana_jax.perturb_params(sana_jax.init_params(model, jax.random.key(0)), seed=1)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 4, 6, cfg.in_channels)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((2, 5, cfg.caption_channels)), jnp.float32)
+    t, mask = jnp.asarray([3.0, 500.0]), jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], jnp.int32)
+    loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x, t, y, mask)))  # noqa: E731
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(params)
+    per_layer = jax.jit(lambda p: per_layer_value_and_grad(loss, p, "pallas"))
+    got_loss, got_grads = per_layer(params)
+    assert float(got_loss) == float(ref_loss)
+    assert jax.tree.structure(got_grads) == jax.tree.structure(ref_grads)
+    for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(got_grads)):
+        assert a.shape == b.shape and bool(jnp.array_equal(a, b))
+    text = per_layer.lower(params).compile().as_text()
+    stacked = [line for line in text.splitlines()
+               if re.search(r"= f32\[5,[\d,]*\]\S* concatenate\(", line)]  # a [depth, ...] concatenate
+    assert not stacked, stacked[:2]
+    plain = jax.jit(jax.value_and_grad(loss)).lower(params).compile().as_text()
+    assert re.search(r"= f32\[5,[\d,]*\]\S* concatenate\(", plain)  # what the check above would catch

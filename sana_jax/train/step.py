@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import sana_jax
 from sana_jax import optim
+from sana_jax.layer_stack import stack_layers
 from sana_jax.model import compute_copies
 from sana_jax.train import sharding
 from sana_jax.train.config import TrainConfig
@@ -97,6 +98,27 @@ def _narrow_gradients(cfg: TrainConfig) -> bool:
         optim.reads_narrow_gradients(o.came_impl, o.layer_group)
 
 
+def per_layer_value_and_grad(loss_fn, params, stack_impl: str = "auto"):
+    """jax.value_and_grad(loss_fn)(params) for a model whose blocks are unrolled, with the blocks' gradients
+    differentiated layer by layer and stacked by `layer_stack.stack_layers`.
+
+    The unrolled scan stacks its layers' weight gradients with a concatenate of `depth` operands, which XLA:GPU
+    emits slowly (sana_jax.layer_stack). Differentiated with respect to each layer's slice of the [depth, ...]
+    blocks instead (stacked again inside the loss, which XLA folds into the scan's own slicing), the gradients come
+    out per layer, and the stacking is the copy kernel's."""
+    blocks = params["blocks"]
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    rest = {name: value for name, value in params.items() if name != "blocks"}
+    layers = [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(depth)]
+
+    def loss_of_layers(rest, layers):
+        return loss_fn({**rest, "blocks": jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)})
+
+    loss, (rest_grads, layer_grads) = jax.value_and_grad(loss_of_layers, argnums=(0, 1))(rest, layers)
+    stacked = jax.tree.map(lambda *grads: stack_layers(grads, stack_impl), *layer_grads)
+    return loss, {**rest_grads, "blocks": stacked}
+
+
 def train_step(cfg: TrainConfig, tx):
     """step(state, batch) -> (state, metrics {loss, grad_norm}), not jitted: make_train_step jits it under the
     mesh and the logical axis rules, which it needs when traced."""
@@ -109,8 +131,12 @@ def train_step(cfg: TrainConfig, tx):
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(seed_key, state.step)
         loss_fn = lambda p: flow_matching_loss(apply_fn, p, batch, rng, cfg.flow)  # noqa: E731
-        params = compute_copies(cfg.model, state.params) if _narrow_gradients(cfg) else state.params
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        narrow = _narrow_gradients(cfg)
+        params = compute_copies(cfg.model, state.params) if narrow else state.params
+        if narrow and cfg.model.unroll_blocks:
+            loss, grads = per_layer_value_and_grad(loss_fn, params)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
