@@ -184,15 +184,17 @@ def _query_grad_kernel(q_ref, g_ref, h_ref, z_ref, _, dq_ref, dh_ref, dz_ref, *,
     _sum_over_split(step, width, dh_ref, dz_ref)
 
 
-def _key_grad_kernel(k_ref, v_ref, dh_ref, dz_ref, *buffers, tokens, heads, head_dim, k_col, v_col, k_out, v_out):
+def _key_grad_kernel(k_ref, v_ref, dh_ref, dz_ref, *buffers, tokens, heads, head_dim, k_col, v_col, k_out, v_out,
+                     held):
     """dk = (dh v + dz) [k > 0] and dv = dh^T relu(k) of one head on a block of tokens, written into their columns
-    of the gradient buffers (outputs aliased to the inputs; k_out, v_out: which buffer)."""
+    of the gradient buffers (the outputs; k_out, v_out: which buffer), the first `held` inputs of `buffers`
+    aliased to some of them."""
     from jax.experimental.pallas import triton as plgpu
 
     block, bh = pl.program_id(0), pl.program_id(1)
     b, head = bh // heads, bh % heads
     width = _head_width(head_dim)
-    outs = buffers[len(buffers) // 2:]
+    outs = buffers[held:]
     t0 = block * _TOKENS_PER_STEP
     k_in = _load(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim)
     v = _load(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)
@@ -241,36 +243,56 @@ def _pallas_forward(sources, layout, heads, head_dim, eps, interpret):
     return out.reshape(batch, tokens, heads * head_dim), (h, z)
 
 
+def _written_whole(slot: int, layout, heads: int, head_dim: int, width: int) -> bool:
+    """Whether the kernels write every column of source `slot`'s [B*N, width] gradient buffer (the qkv projection's
+    alone holds q, k and v back to back): such a buffer needs no zeros beforehand."""
+    end = 0
+    for column in sorted(column for s, column in layout if s == slot):
+        if column > end:
+            return False
+        end = max(end, column + heads * head_dim)
+    return end >= width
+
+
 def _pallas_backward(sources, layout, heads, head_dim, eps, interpret, state, cotangent):
     """The gradients of the sources, one buffer each, from the query_grad and key_grad kernels. A buffer's columns
     that are not q, k or v of any head stay 0; every other element is written exactly once, so a source holding
-    q, k and v (the qkv projection) gets its gradient without adding three [B, N, W] arrays."""
+    q, k and v (the qkv projection) gets its gradient without adding three [B, N, W] arrays. A buffer the kernels
+    write whole starts uninitialised (the 1.6B step's zero fill of its qkv buffers: 2.2 ms, RESULTS.md); the others
+    start as zeros that the kernels write into (aliased)."""
     (q_slot, q_col), (k_slot, k_col), (v_slot, v_col) = layout
     batch, tokens = sources[0].shape[:2]
     width = _head_width(head_dim)
     splits = pl.cdiv(tokens, _TOKENS_PER_SPLIT)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     params = triton_params(interpret)
-    grads = [_flat(jnp.zeros_like(src)) for src in sources]
+    shapes = [jax.ShapeDtypeStruct(_flat(src).shape, src.dtype) for src in sources]
+    whole = [_written_whole(slot, layout, heads, head_dim, src.shape[2]) for slot, src in enumerate(sources)]
+    grads = [None if whole[slot] else _flat(jnp.zeros_like(src)) for slot, src in enumerate(sources)]
     h, z = state
+    q_inputs = (_flat(sources[q_slot]), _flat(cotangent).astype(sources[v_slot].dtype), h, z)
+    q_kernel = functools.partial(_query_grad_kernel, tokens=tokens, heads=heads, head_dim=head_dim, q_col=q_col,
+                                 eps=eps)
     grads[q_slot], dh, dz = pl.pallas_call(
-        functools.partial(_query_grad_kernel, tokens=tokens, heads=heads, head_dim=head_dim, q_col=q_col, eps=eps),
-        out_shape=(jax.ShapeDtypeStruct(grads[q_slot].shape, grads[q_slot].dtype),
+        (lambda *refs: q_kernel(*refs[:4], None, *refs[4:])) if whole[q_slot] else q_kernel,
+        out_shape=(shapes[q_slot],
                    jax.ShapeDtypeStruct((splits * batch * heads * width, width), jnp.float32),
                    jax.ShapeDtypeStruct((splits * batch * heads, width), jnp.float32)),
-        grid=(splits, batch * heads), in_specs=[any_spec] * 5, out_specs=(any_spec,) * 3,
-        input_output_aliases={4: 0}, compiler_params=params, interpret=interpret, name="litela_query_grad",
-    )(_flat(sources[q_slot]), _flat(cotangent).astype(sources[v_slot].dtype), h, z, grads[q_slot])
+        grid=(splits, batch * heads), in_specs=[any_spec] * (4 + (not whole[q_slot])), out_specs=(any_spec,) * 3,
+        input_output_aliases={} if whole[q_slot] else {4: 0}, compiler_params=params, interpret=interpret,
+        name="litela_query_grad",
+    )(*q_inputs, *(() if whole[q_slot] else (grads[q_slot],)))
     dh, dz = _sum_splits(dh, dz, splits, width)
     slots = sorted({k_slot, v_slot})
+    held = [s for s in slots if grads[s] is not None]  # buffers with content already: written into, aliased
     updated = pl.pallas_call(
         functools.partial(_key_grad_kernel, tokens=tokens, heads=heads, head_dim=head_dim, k_col=k_col, v_col=v_col,
-                          k_out=slots.index(k_slot), v_out=slots.index(v_slot)),
-        out_shape=tuple(jax.ShapeDtypeStruct(grads[s].shape, grads[s].dtype) for s in slots),
-        grid=(pl.cdiv(tokens, _TOKENS_PER_STEP), batch * heads), in_specs=[any_spec] * (4 + len(slots)),
-        out_specs=(any_spec,) * len(slots), input_output_aliases={4 + i: i for i in range(len(slots))},
+                          k_out=slots.index(k_slot), v_out=slots.index(v_slot), held=len(held)),
+        out_shape=tuple(shapes[s] for s in slots),
+        grid=(pl.cdiv(tokens, _TOKENS_PER_STEP), batch * heads), in_specs=[any_spec] * (4 + len(held)),
+        out_specs=(any_spec,) * len(slots), input_output_aliases={4 + i: slots.index(s) for i, s in enumerate(held)},
         compiler_params=params, interpret=interpret, name="litela_key_grad",
-    )(_flat(sources[k_slot]), _flat(sources[v_slot]), dh, dz, *(grads[s] for s in slots))
+    )(_flat(sources[k_slot]), _flat(sources[v_slot]), dh, dz, *(grads[s] for s in held))
     for s, grad in zip(slots, updated):
         grads[s] = grad
     return tuple(g.reshape(src.shape) for g, src in zip(grads, sources))

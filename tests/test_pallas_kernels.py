@@ -159,6 +159,24 @@ def test_litela_kernel_matches_xla_sibling(batch, tokens, heads, head_dim, dtype
         np.testing.assert_array_equal(np.asarray(g)[~live], 0)
 
 
+def test_litela_backward_zero_fills_only_buffers_it_writes_in_part():
+    """A gradient buffer the backward's kernels write whole (packed qkv; a normed q or k alone) starts uninitialised
+    (the interpreter fills it with NaN, so the gradient tests above would see a column left out); the qkv buffer
+    beside SANA-1.5's normed q and k gets only v: it starts as zeros."""
+    whole = linear_attention._written_whole
+    assert whole(0, ((0, 0), (0, 64), (0, 128)), 2, 32, 192)
+    assert not whole(0, ((0, 0), (0, 64), (0, 128)), 2, 32, 200)  # columns past v
+    assert not whole(0, ((0, 0), (0, 128), (0, 192)), 2, 32, 256)  # a gap between q and k
+    assert whole(0, ((0, 0), (1, 0), (2, 128)), 2, 32, 64) and not whole(2, ((0, 0), (1, 0), (2, 128)), 2, 32, 192)
+    qkv = jax.ShapeDtypeStruct((2, 70, 192), jnp.bfloat16)
+    spec = (((0, 0), (0, 64), (0, 128)), 2, 32, 1e-8, True)
+    backward = jax.make_jaxpr(lambda a: jax.vjp(
+        lambda s: linear_attention.relu_linear_attention_pallas((s,), *spec), a)[1](jnp.ones((2, 70, 64), a.dtype)))
+    fills = [e for e in backward(qkv).jaxpr.eqns if e.primitive.name == "broadcast_in_dim"
+             and e.outvars[0].aval.size == qkv.size]  # a zeros_like of the qkv source, before it is flattened
+    assert not fills
+
+
 @pytest.mark.parametrize("layout, shapes, message", [
     (((0, 0), (0, 64), (0, 128)), [(1, 5, 150)], "v at \\(source 0, column 128\\)"),
     (((0, 0), (1, 0), (2, 128)), [(1, 5, 64), (1, 5, 64)], "v at \\(source 2"),
