@@ -5,8 +5,8 @@ with a Perfetto trace, then sums the device kernels by name. Prints one JSON lin
 `--top` (total ms per call, share of device time, launches per call) and one line of totals by category
 (matmul libraries, the model's Pallas kernels, fusions, copies, other), so a change can be predicted and checked
 against the breakdown. With `--hlo-dir` each kernel also gets its JAX op, each fusion the HBM bytes it moves per
-launch and the rate it moved them at, a split of the totals by pass and part of the model, and in the summary the FLOPs
-of the program's cuBLAS GEMMs and their rate over the matmul time (`hlo_costs`).
+launch and the rate it moved them at, the totals are split by pass and part of the model, and the summary gets
+the FLOPs of the program's cuBLAS GEMMs and their rate over the matmul time (`hlo_costs`).
 
 GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/profile_jax.py forward --model sana_600m --batch 32
 CPU:  python benchmarks/profile_jax.py forward --tiny   (host threads only; a smoke test of the plumbing)
