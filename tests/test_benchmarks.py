@@ -30,6 +30,8 @@ def test_transformer_benchmark(mode):
     assert summaries and all(r["speedup_vs_diffusers_eager"] > 0 for r in summaries)
     if mode == "train":  # the anchor at another batch is compared in images per second
         assert summaries[0]["throughput_vs_diffusers_eager_b1"] > 0
+        assert all(0 < r["optimizer_ms"] for r in measured)  # the update alone, on both sides
+        assert summaries[0]["jax_optimizer_ms"] > 0 and summaries[0]["diffusers_eager_optimizer_ms"] > 0
 
 
 def test_generate_benchmark():
