@@ -140,8 +140,17 @@ def jax_train(case: dict) -> dict:
     record["ms"] = median_ms(call, jax.block_until_ready, case["warmup"], case["iters"])
     stats = jax.devices()[0].memory_stats() or {}
     record["peak_bytes"] = stats.get("peak_bytes_in_use")  # this case alone: see main
-    record["optimizer_ms"] = jax_optimizer_ms(case, tx, holder)
+    measure_apart(record, "optimizer_ms", lambda: jax_optimizer_ms(case, tx, holder))
     return record
+
+
+def measure_apart(record: dict, key: str, measure) -> None:
+    """record[key] = measure(), or record[key + "_error"] if it fails (say out of memory): the figures measured
+    before it stand."""
+    try:
+        record[key] = measure()
+    except Exception as err:  # noqa: BLE001
+        record[f"{key}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
 
 
 def jax_optimizer_ms(case: dict, tx, holder: list) -> float:
@@ -268,7 +277,7 @@ def torch_train(case: dict, device, sync) -> dict:
     record = {"compile_s": round(time.perf_counter() - start, 2)}
     record["ms"] = median_ms(step, sync, case["warmup"], case["iters"])
     backward()  # gradients for the update alone (the peak of the step stays the larger)
-    record["optimizer_ms"] = median_ms(update, sync, case["warmup"], case["iters"])
+    measure_apart(record, "optimizer_ms", lambda: median_ms(update, sync, case["warmup"], case["iters"]))
     del model, opt, forward
     return record
 
