@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_ms, parse_overrides, run_child  # noqa: E402
+from timing import error_text, median_ms, parse_overrides, run_child  # noqa: E402
 
 TOKENS = 300
 GUIDANCE = 4.5
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         try:
             record = run_jax(args) if args.child == "jax" else run_torch(args)
         except Exception as err:  # noqa: BLE001 - reported as a record; the other framework still runs
-            record = {"impl": args.child, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            record = {"impl": args.child, "error": error_text(err)}
         emit({**base, **record})
         return 0
 

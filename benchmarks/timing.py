@@ -10,6 +10,11 @@ import time
 PEAK_FLOPS = 989e12  # H100/H200 dense bf16 (DESIGN.md); MFU = analytic FLOPs / time / this
 
 
+def error_text(err: BaseException) -> str:
+    """A failed measurement's record entry: the exception's type and the first line of its message."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
 def median_ms(fn, sync, warmup: int, iters: int) -> float:
     """Median wall time of `sync(fn())` in ms over `iters` calls, after `warmup` untimed calls."""
     for _ in range(warmup):

@@ -32,7 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import PEAK_FLOPS, median_ms, parse_overrides, run_child, xla_program_bytes  # noqa: E402
+from timing import PEAK_FLOPS, error_text, median_ms, parse_overrides, run_child, xla_program_bytes  # noqa: E402
 
 TOKENS = 300
 # Forward cases (image px, batch) of the issue: 1024 px at batch 1 / 8 / 32, 2048 px and 4096 px at batch 1.
@@ -140,7 +140,7 @@ def jax_train(case: dict) -> dict:
     record["ms"] = median_ms(call, jax.block_until_ready, case["warmup"], case["iters"])
     stats = jax.devices()[0].memory_stats() or {}
     record["peak_bytes"] = stats.get("peak_bytes_in_use")  # this case alone: see main
-    measure_apart(record, "optimizer_ms", lambda: jax_optimizer_ms(case, tx, holder))
+    measure_apart(record, "optimizer_ms", lambda: jax_optimizer_ms(case, cfg, tx, holder))
     return record
 
 
@@ -150,23 +150,27 @@ def measure_apart(record: dict, key: str, measure) -> None:
     try:
         record[key] = measure()
     except Exception as err:  # noqa: BLE001
-        record[f"{key}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        record[f"{key}_error"] = error_text(err)
 
 
-def jax_optimizer_ms(case: dict, tx, holder: list) -> float:
-    """The step's clipping + optimizer update + apply alone (state donated, as in the step), on bf16 gradients:
-    on one GPU the step hands CAME the gradients of the bf16 compute copies. The part of the step that does not
-    grow with the batch."""
+def jax_optimizer_ms(case: dict, cfg, tx, holder: list) -> float:
+    """The step's clipping + optimizer update + apply alone (state donated, as in the step), on gradients of the
+    step's dtypes: those of the compute copies where the step differentiates them (CAME's kernels on one GPU),
+    else of the fp32 params. The part of the step that does not grow with the batch."""
     import jax
     import jax.numpy as jnp
     import optax
+
+    from sana_jax.model import compute_copies
+    from sana_jax.train.step import narrow_gradients
 
     def update(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     state = holder.pop()
-    grads = jax.jit(lambda tree: jax.tree.map(lambda p: jnp.full_like(p, 1e-3, jnp.bfloat16), tree),
+    differentiated = (lambda p: compute_copies(cfg.model, p)) if narrow_gradients(cfg) else (lambda p: p)
+    grads = jax.jit(lambda tree: jax.tree.map(lambda g: jnp.full_like(g, 1e-3), differentiated(tree)),
                     out_shardings=jax.tree.map(lambda p: p.sharding, state.params))(state.params)
     compiled = jax.jit(update, donate_argnums=(0, 1)).lower(state.params, state.opt_state, grads).compile()
     carry = [state.params, state.opt_state]
@@ -189,7 +193,7 @@ def run_jax(cases: list[dict]) -> None:
         try:
             record.update(jax_forward(case) if case["mode"] == "forward" else jax_train(case))
         except Exception as err:  # noqa: BLE001 - an OOM at one batch must not end the sweep
-            record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            record["error"] = error_text(err)
         emit(record)
 
 
@@ -303,7 +307,7 @@ def run_torch(cases: list[dict], tiny: bool) -> None:
             if cuda:
                 record["peak_bytes"] = torch.cuda.max_memory_allocated()
         except Exception as err:  # noqa: BLE001 - an OOM at one batch must not end the sweep
-            record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            record["error"] = error_text(err)
         emit(record)
 
 

@@ -88,7 +88,7 @@ def init_state(cfg: TrainConfig, tx, shardings: TrainState, params=None) -> Trai
     return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(params)
 
 
-def _narrow_gradients(cfg: TrainConfig) -> bool:
+def narrow_gradients(cfg: TrainConfig) -> bool:
     """Whether the step differentiates the model's 16-bit compute copies of its weights (model.compute_copies),
     handing the optimizer 16-bit gradients: half the bytes to write and read, the same update. Only where the
     optimizer reads them at that width: CAME's Pallas kernels, without accumulation (optax.MultiSteps averages in
@@ -131,7 +131,7 @@ def train_step(cfg: TrainConfig, tx):
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(seed_key, state.step)
         loss_fn = lambda p: flow_matching_loss(apply_fn, p, batch, rng, cfg.flow)  # noqa: E731
-        narrow = _narrow_gradients(cfg)
+        narrow = narrow_gradients(cfg)
         params = compute_copies(cfg.model, state.params) if narrow else state.params
         if narrow and cfg.model.unroll_blocks:
             loss, grads = per_layer_value_and_grad(loss_fn, params)
