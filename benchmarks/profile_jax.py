@@ -100,15 +100,17 @@ def _bytes(text: str) -> int:
     return sum(_DTYPE_BYTES[dtype] * math.prod(dims) for dtype, dims in _arrays(text))
 
 
-def hlo_costs(path: str) -> tuple[dict[str, int], float]:
-    """From one optimized HLO dump: (kernel name -> HBM bytes of each fusion, the FLOPs of its cuBLAS GEMMs).
+def hlo_costs(path: str) -> tuple[dict[str, int], dict[str, int]]:
+    """From one optimized HLO dump: (kernel name -> HBM bytes of each fusion, instruction name -> FLOPs of each
+    cuBLAS GEMM, named as `hlo_op` names it).
 
     A fusion's bytes are its fused computation's parameters and results, each counted once: what an ideal kernel
     reads and writes (an in-place update of a slice counts its whole buffer). A GEMM's FLOPs are 2 x its output's
-    elements x the contracted size of its left operand."""
+    elements x the contracted size of its left operand, for one execution: one inside a while loop (the scanned
+    blocks) runs once per iteration (`gemm_flops`)."""
     with open(path) as f:
         lines = f.read().splitlines()
-    computations, shapes, fusions, flops = {}, {}, {}, 0.0
+    computations, shapes, fusions, flops = {}, {}, {}, {}
     for line in lines:
         header = re.match(r"%([\w.\-]+) \((.*)\) -> (.*) \{$", line)
         if header:
@@ -129,8 +131,19 @@ def hlo_costs(path: str) -> tuple[dict[str, int], float]:
             name, _, index = lhs.partition("#")
             contracted = int(re.search(r'"lhs_contracting_dimensions":\["(\d+)"\]', line).group(1))
             output = shapes[match.group(1)][0]
-            flops += 2 * math.prod(output) * shapes[name][int(index or 0)][contracted]
+            flops[match.group(1).replace(".", "_")] = 2 * math.prod(output) * shapes[name][int(index or 0)][contracted]
     return fusions, flops
+
+
+def gemm_flops(events: list[dict], flops: dict[str, int], calls: int) -> float:
+    """FLOPs per call of the GEMMs the trace ran: each GEMM's FLOPs (`hlo_costs`) times its executions per call, the
+    launches of its most launched kernel (a split-K GEMM also launches a reduction). 0 when no kernel is attributed
+    to a GEMM (inside CUDA graphs, see `hlo_op`)."""
+    launches = collections.Counter((hlo_op(e), e["name"]) for e in events if hlo_op(e) in flops)
+    executions = collections.Counter()
+    for (op, _), count in launches.items():
+        executions[op] = max(executions[op], count / calls)
+    return sum(flops[op] * n for op, n in executions.items())
 
 
 def hlo_op(event: dict) -> str:
@@ -198,7 +211,7 @@ def main(argv=None) -> int:
     events = device_events(trace_dir)
     hlo = profiled_hlo(args.hlo_dir, {hlo_op(e) for e in events}) if args.hlo_dir else None
     sources = op_names(hlo) if hlo else {}
-    fusion_bytes, gemm_flops = hlo_costs(hlo) if hlo else ({}, 0.0)
+    fusion_bytes, flops = hlo_costs(hlo) if hlo else ({}, {})
     totals, counts, by_scope = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
         totals[e["name"]] += e["dur"] / 1e3 / args.calls
@@ -222,9 +235,10 @@ def main(argv=None) -> int:
     summary = {**base, "summary": True, "device_ms_per_call": round(device_ms, 3),
                "kernels_per_call": round(sum(counts.values()), 1),
                **{f"{k}_ms": round(v, 3) for k, v in by_category.most_common()}}
-    if gemm_flops and by_category["matmul"]:  # the matmul category also holds cuDNN's and Triton's products
-        summary["gemm_tflop"] = round(gemm_flops / 1e12, 3)
-        summary["gemm_tflops_per_s"] = round(gemm_flops / by_category["matmul"] / 1e9, 1)
+    gemm = gemm_flops(events, flops, args.calls)
+    if gemm and by_category["matmul"]:  # the matmul category also holds cuDNN's and Triton's products
+        summary["gemm_tflop"] = round(gemm / 1e12, 3)
+        summary["gemm_tflops_per_s"] = round(gemm / by_category["matmul"] / 1e9, 1)
     print(json.dumps(summary))
     if sources:  # device ms per call by pass and part of the model
         print(json.dumps({**base, "by_scope": {k: round(v, 3) for k, v in by_scope.most_common()}}))

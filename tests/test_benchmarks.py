@@ -132,7 +132,24 @@ def test_profile_counts_fusion_bytes_and_gemm_flops(tmp_path):
         "}\n")
     fusions, flops = hlo_costs(str(dump))
     assert fusions == {"loop_add_fusion_3": 2 * (2 * 24 * 1024 * 2240 + 2240)}
-    assert flops == 2 * 3 * 4 * 5
+    assert flops == {"custom-call_7": 2 * 3 * 4 * 5}
+
+
+def test_profile_counts_each_execution_of_a_gemm():
+    """A GEMM in the scanned blocks' while loop runs once per block: its FLOPs count once per execution in the
+    trace (a split-K GEMM's reduction kernel is not a second execution); GEMMs the trace does not name count 0."""
+    from benchmarks.profile_jax import gemm_flops
+
+    def launch(kernel, op):
+        return {"name": kernel, "args": {"hlo_op": op}}
+
+    blocks, calls = 20, 2
+    events = ([launch("nvjet_sm90_tst_128x160", "custom-call.7"), launch("splitKreduce", "custom-call.7")]
+              * blocks * calls + [launch("nvjet_sm90_tst_256x96", "custom-call.9")] * calls)
+    flops = {"custom-call_7": 1000, "custom-call_9": 10, "custom-call_11": 5}
+    assert gemm_flops(events, flops, calls) == 1000 * blocks + 10
+    graph = [launch("nvjet_sm90_tst_128x160", "command_buffer_3")] * calls
+    assert gemm_flops(graph, flops, calls) == 0
 
 
 def test_profile_names_every_pallas_kernel_of_the_model():
