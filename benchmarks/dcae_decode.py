@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_ms  # noqa: E402
+from timing import jax_versions, median_ms  # noqa: E402
 
 
 def emit(record: dict) -> None:
@@ -53,7 +53,7 @@ def run_jax_case(case: dict) -> dict:
     latents = jax.random.normal(jax.random.key(1), (batch, size // f, size // f, cfg.latent_channels),
                                 jnp.dtype(case["dtype"]))
     device = jax.devices()[0]
-    record = {"impl": "jax", "device": device.device_kind, "jax": jax.__version__}
+    record = {"impl": "jax", "device": device.device_kind, **jax_versions(jax)}
     if case["tiled"]:
         fn = lambda: dcae.tiled_decode(model, params, latents, case["tile_size"], case["overlap"])  # noqa: E731
         start = time.perf_counter()

@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import error_text, median_ms, parse_overrides, run_child  # noqa: E402
+from timing import error_text, jax_versions, median_ms, parse_overrides, run_child  # noqa: E402
 
 TOKENS = 300
 GUIDANCE = 4.5
@@ -64,7 +64,7 @@ def run_jax(args) -> dict:
                         resolution_binning=False, seed=0).images
     start = time.perf_counter()
     images = call()
-    record = {"impl": "jax", "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+    record = {"impl": "jax", "device": jax.devices()[0].device_kind, **jax_versions(jax),
               "compile_s": round(time.perf_counter() - start, 2), "image_shape": list(images.shape)}
     record["ms"] = median_ms(call, lambda out: None, args.warmup, args.iters)  # images are host numpy: synced
     record["peak_bytes"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         by_scope[scope(sources.get(hlo_op(e)))] += e["dur"] / 1e3 / args.calls
     device_ms = sum(totals.values())
     base = {"bench": "profile", **{k: case[k] for k in ("mode", "model", "size", "batch")},
-            "device": jax.devices()[0].device_kind}
+            "device": jax.devices()[0].device_kind, **timing.jax_versions(jax)}
     for name, ms in totals.most_common(args.top):
         record = {**base, "kernel": name[:160], "ms": round(ms, 3), "share": round(ms / device_ms, 4),
                   "launches": round(counts[name], 1), "category": category(name)}

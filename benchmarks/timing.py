@@ -15,6 +15,13 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
 
 
+def jax_versions(jax) -> dict:
+    """A JAX record's version entry, with the XLA_FLAGS it compiled under when set: they can change the program
+    (a kernel choice, a fusion), so an A/B through them must say so in its records."""
+    flags = os.environ.get("XLA_FLAGS")
+    return {"jax": jax.__version__, **({"xla_flags": flags} if flags else {})}
+
+
 def median_ms(fn, sync, warmup: int, iters: int) -> float:
     """Median wall time of `sync(fn())` in ms over `iters` calls, after `warmup` untimed calls."""
     for _ in range(warmup):

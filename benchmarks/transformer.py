@@ -32,7 +32,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import PEAK_FLOPS, error_text, median_ms, parse_overrides, run_child, xla_program_bytes  # noqa: E402
+from timing import (PEAK_FLOPS, error_text, jax_versions, median_ms, parse_overrides, run_child,  # noqa: E402
+                    xla_program_bytes)
 
 TOKENS = 300
 # Forward cases (image px, batch) of the issue: 1024 px at batch 1 / 8 / 32, 2048 px and 4096 px at batch 1.
@@ -189,7 +190,7 @@ def run_jax(cases: list[dict]) -> None:
     device = jax.devices()[0]
     for case in cases:
         record = {**case, "impl": "jax", "device": device.device_kind, "devices": jax.device_count(),
-                  "jax": jax.__version__}
+                  **jax_versions(jax)}
         try:
             record.update(jax_forward(case) if case["mode"] == "forward" else jax_train(case))
         except Exception as err:  # noqa: BLE001 - an OOM at one batch must not end the sweep

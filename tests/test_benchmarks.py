@@ -34,6 +34,18 @@ def test_transformer_benchmark(mode):
         assert summaries[0]["jax_optimizer_ms"] > 0 and summaries[0]["diffusers_eager_optimizer_ms"] > 0
 
 
+def test_jax_records_name_the_xla_flags_they_ran_under(monkeypatch):
+    """An A/B through XLA_FLAGS (a flag can change the compiled program) is told apart in the JSON lines."""
+    import jax
+
+    from benchmarks.timing import jax_versions
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert jax_versions(jax) == {"jax": jax.__version__}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_cublaslt=true")
+    assert jax_versions(jax) == {"jax": jax.__version__, "xla_flags": "--xla_gpu_enable_cublaslt=true"}
+
+
 def test_generate_benchmark():
     # 3 sampler steps, not 20: a first-order, a second-order and the lower-order final step on both sides.
     records = bench("generate", "--tiny", "--steps", "3")
