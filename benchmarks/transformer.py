@@ -84,6 +84,7 @@ def jax_forward(case: dict) -> dict:
     import jax.numpy as jnp
 
     import sana_jax
+    from sana_jax.ops import TRANSFORMER_COMPILER_OPTIONS
 
     cfg = model_config(case["model"], overrides=case["overrides"])
     model = sana_jax.SanaTransformer(cfg)
@@ -96,7 +97,7 @@ def jax_forward(case: dict) -> dict:
     y = jax.random.normal(keys[1], (b, TOKENS, cfg.caption_channels), jnp.bfloat16)
     t = jnp.full((b,), 500.0, jnp.float32)
     mask = jnp.ones((b, TOKENS), jnp.int32)
-    forward = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    forward = jax.jit(lambda p, *a: model.apply({"params": p}, *a), compiler_options=TRANSFORMER_COMPILER_OPTIONS)
     start = time.perf_counter()
     compiled = forward.lower(params, x, t, y, mask).compile()
     record = {"compile_s": round(time.perf_counter() - start, 2), "program_bytes": xla_program_bytes(compiled)}

@@ -11,6 +11,14 @@ def on_cuda() -> bool:
     return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
 
 
+# XLA options of the programs that run the transformer (the train step, the sampling loop, the benchmarks):
+# XLA:GPU's Triton GEMM fusions off, so every matmul is a cuBLAS call whose algorithm XLA autotunes, with the
+# bias (and a residual add) in cuBLAS's epilogue. On an H200 (benchmarks/RESULTS.md, twentieth session) the 1.6B
+# b32 forward took 168.8 ms instead of 171.3 and the b48 training step 783.0 ms instead of 789.4, with 4 GiB less
+# peak memory. Ignored off GPUs; both choices compute each product in fp32 and round it once to the output dtype.
+TRANSFORMER_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
 def triton_params(interpret: bool):
     """compiler_params of a Pallas kernel written for Triton: Triton's defaults (4 warps), named, since without
     compiler params Pallas picks its GPU backend from the jax_pallas_use_mosaic_gpu flag (True by default since jax

@@ -37,6 +37,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sana_jax import sampling
 from sana_jax.model import SanaTransformer
+from sana_jax.ops import TRANSFORMER_COMPILER_OPTIONS
 
 Array = jax.Array
 # (prompts, *, negative) -> (embeddings [B, L, C], mask [B, L]); negative=True encodes without CHI / selection.
@@ -187,7 +188,8 @@ class SanaOutput:
     size: tuple[int, int]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "guidance"))
+@functools.partial(jax.jit, static_argnames=("model", "method", "guidance"),
+                   compiler_options=TRANSFORMER_COMPILER_OPTIONS)
 def _sample_latents(model: SanaTransformer, params, schedule: sampling.Schedule, noise, step_noise, y, mask, y_null,
                     mask_null, guidance_scale, *, method: str, guidance: Literal["none", "cfg", "embedded"]):
     """The whole sampling loop as one program, compiled once per (model, method, step count, guidance kind,

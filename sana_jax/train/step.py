@@ -19,6 +19,7 @@ import sana_jax
 from sana_jax import optim
 from sana_jax.layer_stack import stack_layers
 from sana_jax.model import compute_copies
+from sana_jax.ops import TRANSFORMER_COMPILER_OPTIONS
 from sana_jax.train import sharding
 from sana_jax.train.config import TrainConfig
 from sana_jax.train.flow import flow_matching_loss
@@ -156,7 +157,7 @@ def make_train_step(cfg: TrainConfig, mesh: Mesh, tx, shardings: TrainState, bat
                 for k, shape in batch_shapes.items()}
     jitted = jax.jit(train_step(cfg, tx), in_shardings=(shardings, batch_sh),
                      out_shardings=(shardings, sharding.replicated(mesh)),
-                     donate_argnums=(0,))
+                     donate_argnums=(0,), compiler_options=TRANSFORMER_COMPILER_OPTIONS)
 
     def run(state, batch):
         with nn.logical_axis_rules(sharding.LOGICAL_RULES), jax.set_mesh(mesh):
