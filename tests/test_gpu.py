@@ -145,6 +145,26 @@ def test_pallas_kernels_in_the_model_match_xla(dtype):
                                             else TOLERANCES["tiny_bf16"])
 
 
+def test_transformer_compiler_options_leave_every_matmul_to_cublas():
+    """TRANSFORMER_COMPILER_OPTIONS (the train step's, the sampling loop's) turn XLA's Triton GEMM fusions off: the
+    compiled bf16 forward + backward calls cuBLAS and has no Triton GEMM fusion. Guards the option's effect, which
+    a later XLA could drop while still accepting its name."""
+    from sana_jax.ops import TRANSFORMER_COMPILER_OPTIONS
+
+    cfg = CONFIG.replace(compute_dtype="bfloat16")
+    model = sana_jax.SanaTransformer(cfg)
+    params = sana_jax.init_params(model, jax.random.key(0))
+    x, t, y, mask = _inputs()
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, x, t, y, mask).astype(jnp.float32))
+
+    step = jax.jit(jax.grad(loss), compiler_options=TRANSFORMER_COMPILER_OPTIONS)
+    text = step.lower(params).compile().as_text()
+    assert "__cublas" in text
+    assert "__triton_gemm" not in text
+
+
 def test_came_kernels_compiled_match_xla():
     """sana_jax.came_kernels compiled (what impl="auto" picks on one CUDA GPU) against the XLA reductions, on the
     awkward leaves of test_optim and on one stacked Sana-1.6B-sized Dense kernel, with SANA's clipping active."""
