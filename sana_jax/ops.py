@@ -14,7 +14,7 @@ def on_cuda() -> bool:
 # XLA options of the programs that run the transformer (the train step, the sampling loop, the benchmarks):
 # XLA:GPU's Triton GEMM fusions off, so every matmul is a cuBLAS call whose algorithm XLA autotunes, with the
 # bias (and a residual add) in cuBLAS's epilogue. On an H200 (benchmarks/RESULTS.md, twentieth session) the 1.6B
-# b32 forward took 168.8 ms instead of 171.3 and the b48 training step 783.0 ms instead of 789.4, with 4 GiB less
+# b32 forward took 168.8 ms instead of 171.3 and the b48 training step 783.0 ms instead of 789.4, with 3.9 GiB less
 # peak memory. Ignored off GPUs, so CPU results (and the parity tests) do not change; on a GPU a bf16 output can
 # differ in its last bit, as cuBLAS adds an epilogue's bias before rounding the product. An option this jax does
 # not know fails compilation, in the CPU tests too.
