@@ -17,8 +17,9 @@ Two implementations of the same function:
                            input rows in registers, one [channels] vector per pixel, so each input pixel is loaded
                            and SiLU'd once and neither the padded SiLU activation nor the [B, H, W, 2F] convolution
                            output goes to memory. Compiled, its SiLUs use two approximate PTX instructions
-                           (`_sigmoid`, within 1e-5) and its taps PTX FMAs (`_multiply_add`); outputs equal the
-                           sibling's at SANA's shapes on H100.
+                           (`_sigmoid`, within 1e-5), its taps PTX FMAs (`_multiply_add`), and the bf16 roundings
+                           of its SiLUs and gating operands go two per instruction (`_round_pair`); outputs equal
+                           the sibling's at SANA's shapes on H100 and H200.
                            Its backward (rows up to 32 pixels; XLA's vjp beyond) runs two kernels on column tiles
                            (`_ColumnTile`, each kernel its own size: `backward_tiles`): one recomputes the SiLU'd
                            input and the convolution and writes the cotangent of the convolution's fp32 output and
@@ -55,13 +56,17 @@ def backward_tiles(width: int) -> tuple[tuple[int, int, int, None], tuple[int, i
     return (min(4, width), 64, 2, None), (min(4, width), 256, 4, None)
 
 
-def _gate(dw_value, dw_gate, out_dtype, sigmoid=jax.nn.sigmoid):
+def _gate(dw_value, dw_gate, out_dtype, sigmoid=jax.nn.sigmoid, round_pair=None):
     """fp32 convolution outputs (bias included) -> value * silu(gate), rounded as the eager ops round. The kernels
-    pass `_sigmoid`: Pallas lowers jax.nn.sigmoid to libdevice's expf and an IEEE division."""
-    value, gate = dw_value.astype(out_dtype), dw_gate.astype(out_dtype)
-    wide = gate.astype(accum_dtype(out_dtype))
-    gated = (wide * sigmoid(wide)).astype(out_dtype)
-    return value * gated
+    pass `_sigmoid` (Pallas lowers jax.nn.sigmoid to libdevice's expf and an IEEE division) and `_round_pair` (the
+    value and the gate rounded to out_dtype in one instruction)."""
+    acc = accum_dtype(out_dtype)
+    if round_pair is None:
+        value, gate = dw_value.astype(out_dtype).astype(acc), dw_gate.astype(out_dtype).astype(acc)
+    else:
+        value, gate = round_pair(dw_value, dw_gate)
+    gated = (gate * sigmoid(gate)).astype(out_dtype)
+    return value.astype(out_dtype) * gated
 
 
 def glu_dwconv_xla(padded: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -128,6 +133,24 @@ def _multiply_add(x, k, total, interpret: bool):
         "fma.rn.f32 $0, $1, $2, $3;", args=[x, k, total], constraints="=f,f,f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
     return out
+
+
+def _round_pair(a, b, dtype, interpret: bool):
+    """(a, b) fp32 -> each rounded to `dtype`, as fp32. Compiled for bf16: one PTX cvt.rn.bf16x2.f32 rounds both
+    (SASS F2FP), then an AND and a shift widen them. Triton rounds one value at a time (SASS F2F), and the CUDA guide
+    gives such conversions 16 results per clock and SM, as MUFU's ex2 and rcp: the forward spent 84 of its 645
+    instructions per row on those (56 MUFU, 28 F2F), 56 of 635 with the pairs, and its 20 launches in the 1.6B b32
+    forward took 14.1 ms instead of 15.4-15.5 (H200, RESULTS.md, twenty-first session). Otherwise: astype."""
+    from jax.experimental.pallas import triton as plgpu
+
+    if interpret or jnp.dtype(dtype) != jnp.bfloat16:
+        return a.astype(dtype).astype(jnp.float32), b.astype(dtype).astype(jnp.float32)
+    # cvt.rn.bf16x2.f32 d, hi, lo: the first source goes to the upper half. (Pallas lowers one result per asm.)
+    [packed] = plgpu.elementwise_inline_asm(
+        "cvt.rn.bf16x2.f32 $0, $1, $2;", args=[a, b], constraints="=r,f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+    return (jax.lax.bitcast_convert_type(packed & jnp.int32(-0x10000), jnp.float32),  # the upper half
+            jax.lax.bitcast_convert_type(packed << 16, jnp.float32))
 
 
 def _walk_rows(h0, row_chunk: int, load_row, prepare_row, visit, acc, load_own=lambda r: ()):
@@ -230,9 +253,9 @@ class _ColumnTile:
                 silus = []
                 for half, x in zip(halves, pair):
                     z = (x.astype(jnp.float32) + pre_bias[half]).astype(dtype).astype(jnp.float32)
-                    s = (z * self.sigmoid(z)).astype(dtype).astype(jnp.float32)
-                    silus.append(jnp.where(row_inside & col_inside, s, 0.0))
-                out.append(tuple(silus))
+                    silus.append(z * self.sigmoid(z))
+                silus = _round_pair(*silus, dtype=dtype, interpret=self.interpret)
+                out.append(tuple(jnp.where(row_inside & col_inside, s, 0.0) for s in silus))
             return tuple(out)
 
         def load_own(r):
@@ -264,7 +287,8 @@ def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, **shape):
     tile = _ColumnTile(**shape)
 
     def store(at, inside, inputs, dw, own, acc):
-        gated = _gate(dw[0], dw[1], o_ref.dtype, tile.sigmoid)
+        round_pair = functools.partial(_round_pair, dtype=o_ref.dtype, interpret=tile.interpret)
+        gated = _gate(*dw, o_ref.dtype, tile.sigmoid, round_pair)
         plgpu.store(o_ref.at[at, tile.columns(0)], gated, mask=tile.valid_c & inside)
         return acc
 
