@@ -56,15 +56,16 @@ def backward_tiles(width: int) -> tuple[tuple[int, int, int, None], tuple[int, i
     return (min(4, width), 64, 2, None), (min(4, width), 256, 4, None)
 
 
+def _round_each(a, b, dtype):
+    """(a, b) -> each rounded to `dtype`, in its accumulation dtype."""
+    return tuple(x.astype(dtype).astype(accum_dtype(dtype)) for x in (a, b))
+
+
 def _gate(dw_value, dw_gate, out_dtype, sigmoid=jax.nn.sigmoid, round_pair=None):
     """fp32 convolution outputs (bias included) -> value * silu(gate), rounded as the eager ops round. The kernels
     pass `_sigmoid` (Pallas lowers jax.nn.sigmoid to libdevice's expf and an IEEE division) and `_round_pair` (the
     value and the gate rounded to out_dtype in one instruction)."""
-    acc = accum_dtype(out_dtype)
-    if round_pair is None:
-        value, gate = dw_value.astype(out_dtype).astype(acc), dw_gate.astype(out_dtype).astype(acc)
-    else:
-        value, gate = round_pair(dw_value, dw_gate)
+    value, gate = (round_pair or functools.partial(_round_each, dtype=out_dtype))(dw_value, dw_gate)
     gated = (gate * sigmoid(gate)).astype(out_dtype)
     return value.astype(out_dtype) * gated
 
@@ -144,7 +145,7 @@ def _round_pair(a, b, dtype, interpret: bool):
     from jax.experimental.pallas import triton as plgpu
 
     if interpret or jnp.dtype(dtype) != jnp.bfloat16:
-        return a.astype(dtype).astype(jnp.float32), b.astype(dtype).astype(jnp.float32)
+        return _round_each(a, b, dtype)
     # cvt.rn.bf16x2.f32 d, hi, lo: the first source goes to the upper half. (Pallas lowers one result per asm.)
     [packed] = plgpu.elementwise_inline_asm(
         "cvt.rn.bf16x2.f32 $0, $1, $2;", args=[a, b], constraints="=r,f,f", pack=1,
@@ -231,12 +232,15 @@ class _ColumnTile:
                                 mask=self.valid_c & (row_inside & col_inside), other=0)
                      for col_inside, col in columns)
 
-    def walk(self, y_ref, yb_ref, k_ref, b_ref, epilogue, acc, own_ref=None):
+    def walk(self, y_ref, yb_ref, k_ref, b_ref, epilogue, acc, own_ref=None, round_pair=None):
         """Runs `acc = epilogue(at, inside, inputs, dw, own, acc)` on every output pixel of the program, in order:
         `at` its flat row, `inside` whether it is in the image, `inputs[dy][dx]` (value, gate) its nine SiLU'd
         inputs, `dw` (value, gate) its fp32 convolution outputs (bias included), `own` its pixel of own_ref's first
-        half [C_blk] (loaded a row ahead; None without own_ref). Returns the final acc."""
+        half [C_blk] (loaded a row ahead; None without own_ref). `round_pair(a, b)` rounds the SiLUs of a pixel's
+        two halves; default `_round_each`, one at a time: with `_round_pair` the backward's first kernel compiled
+        to 544 SASS instructions per row instead of 523, so only the forward passes it. Returns the final acc."""
         dtype, halves = y_ref.dtype, (0, 1)
+        round_pair = round_pair or functools.partial(_round_each, dtype=dtype)
         pre_bias = [self.vector(yb_ref, half) for half in halves]
         taps = [[self.vector(k_ref, half, tap) for tap in range(9)] for half in halves]
         bias = [self.vector(b_ref, half) for half in halves]
@@ -254,7 +258,7 @@ class _ColumnTile:
                 for half, x in zip(halves, pair):
                     z = (x.astype(jnp.float32) + pre_bias[half]).astype(dtype).astype(jnp.float32)
                     silus.append(z * self.sigmoid(z))
-                silus = _round_pair(*silus, dtype=dtype, interpret=self.interpret)
+                silus = round_pair(*silus)
                 out.append(tuple(jnp.where(row_inside & col_inside, s, 0.0) for s in silus))
             return tuple(out)
 
@@ -287,12 +291,12 @@ def _fused_kernel(y_ref, yb_ref, k_ref, b_ref, o_ref, **shape):
     tile = _ColumnTile(**shape)
 
     def store(at, inside, inputs, dw, own, acc):
-        round_pair = functools.partial(_round_pair, dtype=o_ref.dtype, interpret=tile.interpret)
         gated = _gate(*dw, o_ref.dtype, tile.sigmoid, round_pair)
         plgpu.store(o_ref.at[at, tile.columns(0)], gated, mask=tile.valid_c & inside)
         return acc
 
-    tile.walk(y_ref, yb_ref, k_ref, b_ref, store, ())
+    round_pair = functools.partial(_round_pair, dtype=o_ref.dtype, interpret=tile.interpret)
+    tile.walk(y_ref, yb_ref, k_ref, b_ref, store, (), round_pair=round_pair)
 
 
 def row_chunk(batch: int, height: int, width_tiles: int, blocks: int, programs: int = 1024) -> int:
