@@ -73,14 +73,15 @@ def test_pallas_kernels_backward_sweep():
 
 
 def test_kernel_code_counts_each_glu_kernel_loop():
-    """The GLU kernels compile for sm_90 on a CPU machine; each report names its tile and finds the row loop: every
-    tap of the tiny shape's 2-column tiles is an FFMA in it (the forward: 2 halves x 9 per output; part 1 also the
-    kernel gradients; part 2: 9 per input channel, two channels per thread), and nothing spills."""
+    """The GLU kernels compile for sm_90 on a CPU machine; each report names its tile and finds the row loop: the
+    taps of the tiny shape's 2-column tiles are FFMAs in it (the forward: 2 halves x 9 per output, of which the 6
+    reading the image's border columns may fold away, as their SiLU is a known 0; part 1 also the kernel gradients;
+    part 2: 9 per input channel, two channels per thread), and nothing spills."""
     records = bench("kernel_code", "--tiny")
     assert [(r["kernel"], r["tile"]) for r in records] == [
         ("silu_glu_dwconv", [2, 128, 4]), ("glu_dwconv_bwd_total", [2, 64, 2]), ("glu_dwconv_bwd_input", [2, 256, 4])]
     # elements per loop iteration and thread: 2 columns x 1 channel (128 / 4 warps, 64 / 2 warps), 2 x 2 (256 / 4)
-    for record, taps, elements in zip(records, (2 * 18, 2 * 36, 2 * 2 * 9), (2, 2, 4)):
+    for record, taps, elements in zip(records, (2 * 12, 2 * 36, 2 * 2 * 9), (2, 2, 4)):
         assert record["opcodes"]["FFMA"] >= taps and record["local_bytes"] == 0, record
         assert record["per_element"] == pytest.approx(record["loop_instructions"] / elements, abs=0.005), record
 
