@@ -138,10 +138,11 @@ def _multiply_add(x, k, total, interpret: bool):
 
 def _round_pair(a, b, dtype, interpret: bool):
     """(a, b) fp32 -> each rounded to `dtype`, as fp32. Compiled for bf16: one PTX cvt.rn.bf16x2.f32 rounds both
-    (SASS F2FP), then an AND and a shift widen them. Triton rounds one value at a time (SASS F2F), and the CUDA guide
-    gives such conversions 16 results per clock and SM, as MUFU's ex2 and rcp: the forward spent 84 of its 645
-    instructions per row on those (56 MUFU, 28 F2F), 56 of 635 with the pairs, and its 20 launches in the 1.6B b32
-    forward took 14.1 ms instead of 15.4-15.5 (H200, RESULTS.md, twenty-first session). Otherwise: astype."""
+    (SASS F2FP), then an AND and a shift widen them. Triton rounds one value at a time (SASS F2F), which by our
+    reading of the CUDA guide's throughput table runs at 16 results per clock and SM, as MUFU's ex2 and rcp do
+    (FFMA: 128): the forward spent 84 of its 645 instructions per row on those (56 MUFU, 28 F2F), 56 of 635 with the
+    pairs, and its 20 launches in the 1.6B b32 forward took 14.1 ms instead of 15.4-15.5 (H200, RESULTS.md,
+    twenty-first session). Otherwise: astype."""
     from jax.experimental.pallas import triton as plgpu
 
     if interpret or jnp.dtype(dtype) != jnp.bfloat16:
