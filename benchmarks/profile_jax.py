@@ -3,8 +3,9 @@
 Runs the same programs as benchmarks/transformer.py (its `forward` / `train` set-up) under `jax.profiler.trace`
 with a Perfetto trace, then sums the device kernels by name. Prints one JSON line per kernel name among the top
 `--top` (total ms per call, share of device time, launches per call) and one line of totals by category
-(matmul libraries, the model's Pallas kernels, fusions, copies, other), so a change can be predicted and checked
-against the breakdown. With `--hlo-dir` each kernel also gets its JAX op, each fusion the HBM bytes it moves per
+(matmul libraries, the model's Pallas kernels, fusions, copies, other), with how long a call spans on the device
+and how much of that span no kernel ran (`timeline`), so a change can be predicted and checked against the
+breakdown. With `--hlo-dir` each kernel also gets its JAX op, each fusion the HBM bytes it moves per
 launch and the rate it moved them at, the totals are split by pass and part of the model, and the summary gets
 the FLOPs of the program's cuBLAS GEMMs and their rate over the matmul time (`hlo_costs`).
 
@@ -146,6 +147,31 @@ def gemm_flops(events: list[dict], flops: dict[str, int], calls: int) -> float:
     return sum(flops[op] * n for op, n in executions.items())
 
 
+def timeline(events: list[dict], calls: int, gaps: int = 5) -> dict:
+    """How the device kernels fill the calls in time: the wall span of a call (its first kernel's start to its
+    last kernel's end), the time some kernel ran (overlapping kernels counted once) and the idle rest, per call,
+    plus the `gaps` longest idle gaps inside the calls with the kernel before each. The calls are told apart by
+    the `calls - 1` longest idle gaps of the trace (each call is synced before the next is dispatched). A span
+    longer than the busy time is time the device waited: launch gaps, host work in the call, synchronisations."""
+    intervals = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events)
+    merged = []  # [start, end, name of the kernel that ended last] in us, overlaps joined
+    for start, end, name in intervals:
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1][1:] = [end, name]
+        else:
+            merged.append([start, end, name])
+    idle = sorted(((merged[i + 1][0] - merged[i][1], merged[i][2]) for i in range(len(merged) - 1)),
+                  reverse=True)
+    between, inside = idle[:calls - 1], idle[calls - 1:]
+    span = merged[-1][1] - merged[0][0] - sum(gap for gap, _ in between)
+    busy = sum(end - start for start, end, _ in merged)
+    return {"span_ms_per_call": round(span / 1e3 / calls, 3), "busy_ms_per_call": round(busy / 1e3 / calls, 3),
+            "idle_ms_per_call": round((span - busy) / 1e3 / calls, 3),
+            "idle_gaps_per_call": round(len(inside) / calls, 1),
+            "longest_idle_us": [[round(gap, 1), name[:80]] for gap, name in inside[:gaps]]}
+
+
 def hlo_op(event: dict) -> str:
     """The HLO instruction a device event ran: XLA's annotation when the trace has it (a cuBLAS kernel is named by
     the library, its custom call by the annotation), else the kernel name (fusions are named after theirs). Inside
@@ -234,7 +260,7 @@ def main(argv=None) -> int:
         by_category[category(name)] += ms
     summary = {**base, "summary": True, "device_ms_per_call": round(device_ms, 3),
                "kernels_per_call": round(sum(counts.values()), 1),
-               **{f"{k}_ms": round(v, 3) for k, v in by_category.most_common()}}
+               **{f"{k}_ms": round(v, 3) for k, v in by_category.most_common()}, **timeline(events, args.calls)}
     gemm = gemm_flops(events, flops, args.calls)
     if gemm and by_category["matmul"]:  # the matmul category also holds cuDNN's and Triton's products
         summary["gemm_tflop"] = round(gemm / 1e12, 3)

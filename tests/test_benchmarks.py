@@ -165,6 +165,24 @@ def test_profile_counts_each_execution_of_a_gemm():
     assert gemm_flops(graph, flops, calls) == 0
 
 
+def test_profile_timeline_splits_calls_and_counts_overlaps_once():
+    """Two calls 1000 us apart: each spans 100 us, of which 70 busy (two overlapping kernels count 25 us, not 35)
+    and 30 idle in two gaps; the gap between the calls is not idle time of either."""
+    from benchmarks.profile_jax import timeline
+
+    def kernel(ts, dur, name):
+        return {"ts": ts, "dur": dur, "name": name}
+
+    one_call = [kernel(0, 20, "a"), kernel(30, 20, "b"), kernel(35, 20, "c"), kernel(75, 25, "d")]
+    events = one_call + [kernel(e["ts"] + 1100, e["dur"], e["name"]) for e in one_call]
+    result = timeline(events[::-1], calls=2, gaps=2)
+    assert result["span_ms_per_call"] == 0.1
+    assert result["busy_ms_per_call"] == 0.07
+    assert result["idle_ms_per_call"] == 0.03
+    assert result["idle_gaps_per_call"] == 2
+    assert result["longest_idle_us"] == [[20.0, "c"], [20.0, "c"]]
+
+
 def test_profile_names_every_pallas_kernel_of_the_model():
     """profile_jax's "pallas" category lists exactly the `name=` of the model's, CAME's and the training step's
     pallas_calls (lowered for CUDA)."""
