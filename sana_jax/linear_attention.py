@@ -45,16 +45,21 @@ def relu_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, eps: float =
 # in kernels/linear_attn/README.md), reading q, k, v straight out of their source arrays (no split, transpose, fp32
 # copy or ones-padding in memory):
 #   state       grid (split of tokens, b*h):  h = sum relu(k)^T v [D, D],  z = sum relu(k) [D]   (fp32 partials)
-#   output      grid (block of tokens, b*h):  o = relu(q) h / (relu(q) . z + eps)
+#   output      grid (split of tokens, b*h):  o = relu(q) h / (relu(q) . z + eps)
 #   query_grad  grid (split of tokens, b*h):  dq; partial dh, dz (fp32)                            (backward)
-#   key_grad    grid (block of tokens, b*h):  dk, dv                                               (backward)
+#   key_grad    grid (split of tokens, b*h):  dk, dv                                               (backward)
+# Each program walks its split in steps of tokens, loading its head's fp32 state (and splitting it into bf16
+# parts) once. At 1.6B b32 on H200 (RESULTS.md, twenty-second session) that took the output kernel from 142 to
+# 95 us and key_grad from 277 to 183 us against one program per step; query_grad went from 348 to 272 us by
+# reusing its g h^T for d loss / d den instead of a third product with h.
 # bf16 inputs: relu(q), relu(k), v and the cotangent are exact in bf16, so bf16 x bf16 tensor-core products with
 # fp32 accumulation are the fp32 products, and an fp32 operand (h, dh, relu(q) / den) is split exactly into three
 # bf16 parts (`_dot`). So every product is fp32-exact, as the XLA sibling's HIGHEST-precision fp32 einsums; only
 # the order of the fp32 sums differs. Other dtypes run the products in fp32 (precision HIGHEST).
 
 _TOKENS_PER_STEP = 64  # rows of a [T, D] x [D, D] product per step (the torch kernels' measured best on H100)
-_TOKENS_PER_SPLIT = 512  # tokens per state program: fixed, so the fp32 summation order is the same on every GPU
+_STATE_TOKENS_PER_STEP = 128  # tokens summed by one relu(k)^T v product: 97 us against 110 with 64 (1.6B b32, H200)
+_TOKENS_PER_SPLIT = 512  # tokens per program: fixed, so the fp32 summation order is the same on every GPU
 
 
 def _head_width(head_dim: int) -> int:
@@ -70,13 +75,21 @@ def _split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return high, middle, (rest - middle.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+def _state_operand(x: jax.Array, dtype) -> jax.Array | tuple[jax.Array, ...]:
+    """An fp32 right operand of `_dot` prepared once for products with left operands of `dtype`: for bf16 its three
+    bf16 parts (`_split_bf16`), else x itself."""
+    return _split_bf16(x) if dtype == jnp.bfloat16 and x.dtype == jnp.float32 else x
+
+
+def _dot(a: jax.Array, b: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
     """a @ b in fp32 inside a kernel, as exact as fp32 products (only the order of the sums differs).
 
     bf16 x bf16: one tensor-core product with fp32 accumulation (products of bf16 values are exact in fp32).
-    bf16 x fp32 either way round: the fp32 operand split into three bf16 parts, three tensor-core products.
-    Anything else (fp32 or fp16 models): fp32 at HIGHEST precision."""
+    bf16 x fp32 either way round: the fp32 operand split into three bf16 parts, three tensor-core products
+    (b may come split already, `_state_operand`). Anything else (fp32 or fp16 models): fp32 at HIGHEST precision."""
     bf16, f32 = jnp.bfloat16, jnp.float32
+    if isinstance(b, tuple):
+        return sum(jnp.dot(a, part, preferred_element_type=f32) for part in b)
     if a.dtype == bf16 and b.dtype == bf16:
         return jnp.dot(a, b, preferred_element_type=f32)
     if a.dtype == bf16 and b.dtype == f32:
@@ -86,30 +99,38 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a.astype(f32), b.astype(f32), precision=_HIGHEST, preferred_element_type=f32)
 
 
-def _tile(ref, b, t0, tokens, column, head_dim):
-    """The [_TOKENS_PER_STEP, width] tile of one head's columns (from `column`) at tokens t0.. of image b of a
-    [B*N, W] ref, and its mask (tokens past N, columns past the head dim)."""
+def _tile(ref, b, t0, tokens, column, head_dim, rows=_TOKENS_PER_STEP):
+    """The [rows, width] tile of one head's columns (from `column`) at tokens t0.. of image b of a [B*N, W] ref,
+    and its mask (tokens past N, columns past the head dim)."""
     width = _head_width(head_dim)
-    ok = ((t0 + jnp.arange(_TOKENS_PER_STEP)) < tokens)[:, None] & (jnp.arange(width) < head_dim)[None, :]
-    return ref.at[pl.ds(b * tokens + t0, _TOKENS_PER_STEP), pl.ds(column, width)], ok
+    ok = ((t0 + jnp.arange(rows)) < tokens)[:, None] & (jnp.arange(width) < head_dim)[None, :]
+    return ref.at[pl.ds(b * tokens + t0, rows), pl.ds(column, width)], ok
 
 
-def _load(ref, b, t0, tokens, column, head_dim):
+def _load(ref, b, t0, tokens, column, head_dim, rows=_TOKENS_PER_STEP):
     """`_tile`'s values, 0 outside the mask."""
     from jax.experimental.pallas import triton as plgpu
 
-    at, ok = _tile(ref, b, t0, tokens, column, head_dim)
+    at, ok = _tile(ref, b, t0, tokens, column, head_dim, rows)
     return plgpu.load(at, mask=ok, other=0)
 
 
-def _sum_over_split(step, width: int, matrix_ref, vector_ref) -> None:
-    """Runs `step(i, (matrix, vector))` over the steps of this program's split of tokens from fp32 zeros
+def _walk_split(step, carry, rows=_TOKENS_PER_STEP):
+    """carry = step(t0, carry) over the steps of `rows` tokens of this program's split of tokens (grid axis 0), t0
+    the step's first token; returns the last carry. (The program id is read outside the loop: interpreted Pallas
+    does not lower it inside one.)"""
+    start = pl.program_id(0) * _TOKENS_PER_SPLIT
+    return jax.lax.fori_loop(0, _TOKENS_PER_SPLIT // rows, lambda i, c: step(start + i * rows, c), carry)
+
+
+def _sum_over_split(step, width: int, matrix_ref, vector_ref, rows=_TOKENS_PER_STEP) -> None:
+    """Runs `step(t0, (matrix, vector))` over the steps of this program's split of tokens from fp32 zeros
     ([width, width], [1, width]) and stores the sums as the program's partials (rows of matrix_ref / vector_ref
     indexed by split * B*H + b*h; summed over the splits outside)."""
     from jax.experimental.pallas import triton as plgpu
 
     init = (jnp.zeros((width, width), jnp.float32), jnp.zeros((1, width), jnp.float32))
-    matrix, vector = jax.lax.fori_loop(0, _TOKENS_PER_SPLIT // _TOKENS_PER_STEP, step, init)
+    matrix, vector = _walk_split(step, init, rows)
     index = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
     plgpu.store(matrix_ref.at[pl.ds(index * width, width), :], matrix)
     plgpu.store(vector_ref.at[pl.ds(index, 1), :], vector)
@@ -122,35 +143,39 @@ def _sum_splits(matrix: jax.Array, vector: jax.Array, splits: int, width: int) -
 
 
 def _state_kernel(k_ref, v_ref, h_ref, z_ref, *, tokens, heads, head_dim, k_col, v_col):
-    split, bh = pl.program_id(0), pl.program_id(1)
+    bh = pl.program_id(1)
     b, head = bh // heads, bh % heads
-    width = _head_width(head_dim)
+    width, rows = _head_width(head_dim), _STATE_TOKENS_PER_STEP
 
-    def step(i, carry):
+    def step(t0, carry):
         h, z = carry
-        t0 = split * _TOKENS_PER_SPLIT + i * _TOKENS_PER_STEP
-        k = jnp.maximum(_load(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim), 0)
-        v = _load(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)
+        k = jnp.maximum(_load(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim, rows), 0)
+        v = _load(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim, rows)
         h = h + _dot(k.T, v)  # [width, width]
         z = z + jnp.sum(k.astype(jnp.float32), axis=0, keepdims=True)  # [1, width]
         return h, z
 
-    _sum_over_split(step, width, h_ref, z_ref)
+    _sum_over_split(step, width, h_ref, z_ref, rows)
 
 
 def _output_kernel(q_ref, h_ref, z_ref, o_ref, *, tokens, heads, head_dim, q_col, eps):
     from jax.experimental.pallas import triton as plgpu
 
-    block, bh = pl.program_id(0), pl.program_id(1)
+    bh = pl.program_id(1)
     b, head = bh // heads, bh % heads
     width = _head_width(head_dim)
-    t0 = block * _TOKENS_PER_STEP
-    q = jnp.maximum(_load(q_ref, b, t0, tokens, q_col + head * head_dim, head_dim), 0)
     h = plgpu.load(h_ref.at[pl.ds(bh * width, width), :])  # [width, width] fp32
     z = plgpu.load(z_ref.at[pl.ds(bh, 1), :])  # [1, width] fp32
-    den = jnp.sum(q.astype(jnp.float32) * z, axis=1, keepdims=True) + eps
-    o_at, ok = _tile(o_ref, b, t0, tokens, head * head_dim, head_dim)
-    plgpu.store(o_at, (_dot(q, h) / den).astype(o_ref.dtype), mask=ok)
+    h = _state_operand(h, q_ref.dtype)
+
+    def step(t0, carry):
+        q = jnp.maximum(_load(q_ref, b, t0, tokens, q_col + head * head_dim, head_dim), 0)
+        den = jnp.sum(q.astype(jnp.float32) * z, axis=1, keepdims=True) + eps
+        o_at, ok = _tile(o_ref, b, t0, tokens, head * head_dim, head_dim)
+        plgpu.store(o_at, (_dot(q, h) / den).astype(o_ref.dtype), mask=ok)
+        return carry
+
+    _walk_split(step, ())
 
 
 def _query_grad_kernel(q_ref, g_ref, h_ref, z_ref, _, dq_ref, dh_ref, dz_ref, *, tokens, heads, head_dim, q_col,
@@ -159,22 +184,24 @@ def _query_grad_kernel(q_ref, g_ref, h_ref, z_ref, _, dq_ref, dh_ref, dz_ref, *,
     the split's partial dh = sum_n q^_n (g_n / den_n)^T, dz = sum_n c_n q^_n (kernels/linear_attn/README.md)."""
     from jax.experimental.pallas import triton as plgpu
 
-    split, bh = pl.program_id(0), pl.program_id(1)
+    bh = pl.program_id(1)
     b, head = bh // heads, bh % heads
     width = _head_width(head_dim)
     h = plgpu.load(h_ref.at[pl.ds(bh * width, width), :])  # [width, width] fp32
     z = plgpu.load(z_ref.at[pl.ds(bh, 1), :])  # [1, width] fp32
+    h_t = _state_operand(h.T, g_ref.dtype)
 
-    def step(i, carry):
+    def step(t0, carry):
         dh, dz = carry
-        t0 = split * _TOKENS_PER_SPLIT + i * _TOKENS_PER_STEP
         q_in = _load(q_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
         g = _load(g_ref, b, t0, tokens, head * head_dim, head_dim)
         q = jnp.maximum(q_in, 0)
         q32 = q.astype(jnp.float32)
         den = jnp.sum(q32 * z, axis=1, keepdims=True) + eps  # [T, 1]
-        c = -jnp.sum(g.astype(jnp.float32) * (_dot(q, h) / den), axis=1, keepdims=True) / den  # d loss / d den
-        dq = _dot(g, h.T) / den + c * z  # g h^T / den = (g / den) h^T with g exact in bf16
+        g_h = _dot(g, h_t)  # [T, width]: g h^T
+        # d loss / d den = -(g . q h) / den^2, and g . q h = q . g h^T: no product with h for it.
+        c = -jnp.sum(q32 * g_h, axis=1, keepdims=True) / den / den
+        dq = g_h / den + c * z  # g h^T / den = (g / den) h^T with g exact in bf16
         dq_at, ok = _tile(dq_ref, b, t0, tokens, q_col + head * head_dim, head_dim)
         plgpu.store(dq_at, jnp.where(q_in > 0, dq, 0).astype(dq_ref.dtype), mask=ok)
         dh = dh + _dot((q32 / den).T, g)  # a dead query (q^ = 0, den = eps) adds exactly 0
@@ -186,25 +213,30 @@ def _query_grad_kernel(q_ref, g_ref, h_ref, z_ref, _, dq_ref, dh_ref, dz_ref, *,
 
 def _key_grad_kernel(k_ref, v_ref, dh_ref, dz_ref, *buffers, tokens, heads, head_dim, k_col, v_col, k_out, v_out,
                      held):
-    """dk = (dh v + dz) [k > 0] and dv = dh^T relu(k) of one head on a block of tokens, written into their columns
+    """dk = (dh v + dz) [k > 0] and dv = dh^T relu(k) of one head on a split of tokens, written into their columns
     of the gradient buffers (the outputs; k_out, v_out: which buffer), the first `held` inputs of `buffers`
     aliased to some of them."""
     from jax.experimental.pallas import triton as plgpu
 
-    block, bh = pl.program_id(0), pl.program_id(1)
+    bh = pl.program_id(1)
     b, head = bh // heads, bh % heads
     width = _head_width(head_dim)
     outs = buffers[held:]
-    t0 = block * _TOKENS_PER_STEP
-    k_in = _load(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim)
-    v = _load(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)
     dh = plgpu.load(dh_ref.at[pl.ds(bh * width, width), :])  # [width, width] fp32
     dz = plgpu.load(dz_ref.at[pl.ds(bh, 1), :])  # [1, width] fp32
-    dk = jnp.where(k_in > 0, _dot(v, dh.T) + dz, 0)
-    dv = _dot(jnp.maximum(k_in, 0), dh)
-    for out, column, value in ((outs[k_out], k_col, dk), (outs[v_out], v_col, dv)):
-        at, ok = _tile(out, b, t0, tokens, column + head * head_dim, head_dim)
-        plgpu.store(at, value.astype(out.dtype), mask=ok)
+    dh, dh_t = _state_operand(dh, k_ref.dtype), _state_operand(dh.T, v_ref.dtype)
+
+    def step(t0, carry):
+        k_in = _load(k_ref, b, t0, tokens, k_col + head * head_dim, head_dim)
+        v = _load(v_ref, b, t0, tokens, v_col + head * head_dim, head_dim)
+        dk = jnp.where(k_in > 0, _dot(v, dh_t) + dz, 0)
+        dv = _dot(jnp.maximum(k_in, 0), dh)
+        for out, column, value in ((outs[k_out], k_col, dk), (outs[v_out], v_col, dv)):
+            at, ok = _tile(out, b, t0, tokens, column + head * head_dim, head_dim)
+            plgpu.store(at, value.astype(out.dtype), mask=ok)
+        return carry
+
+    _walk_split(step, ())
 
 
 def _flat(a: jax.Array) -> jax.Array:
@@ -237,7 +269,7 @@ def _pallas_forward(sources, layout, heads, head_dim, eps, interpret):
     out = pl.pallas_call(
         functools.partial(_output_kernel, tokens=tokens, heads=heads, head_dim=head_dim, q_col=q_col, eps=eps),
         out_shape=jax.ShapeDtypeStruct((batch * tokens, heads * head_dim), sources[v_slot].dtype),
-        grid=(pl.cdiv(tokens, _TOKENS_PER_STEP), batch * heads), in_specs=[any_spec] * 3, out_specs=any_spec,
+        grid=(pl.cdiv(tokens, _TOKENS_PER_SPLIT), batch * heads), in_specs=[any_spec] * 3, out_specs=any_spec,
         compiler_params=triton_params(interpret), interpret=interpret, name="litela_output",
     )(_flat(sources[q_slot]), h, z)
     return out.reshape(batch, tokens, heads * head_dim), (h, z)
@@ -289,7 +321,7 @@ def _pallas_backward(sources, layout, heads, head_dim, eps, interpret, state, co
         functools.partial(_key_grad_kernel, tokens=tokens, heads=heads, head_dim=head_dim, k_col=k_col, v_col=v_col,
                           k_out=slots.index(k_slot), v_out=slots.index(v_slot), held=len(held)),
         out_shape=tuple(shapes[s] for s in slots),
-        grid=(pl.cdiv(tokens, _TOKENS_PER_STEP), batch * heads), in_specs=[any_spec] * (4 + len(held)),
+        grid=(splits, batch * heads), in_specs=[any_spec] * (4 + len(held)),
         out_specs=(any_spec,) * len(slots), input_output_aliases={4 + i: slots.index(s) for i, s in enumerate(held)},
         compiler_params=params, interpret=interpret, name="litela_key_grad",
     )(_flat(sources[k_slot]), _flat(sources[v_slot]), dh, dz, *(grads[s] for s in held))
