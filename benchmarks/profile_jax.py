@@ -153,6 +153,8 @@ def timeline(events: list[dict], calls: int, gaps: int = 5) -> dict:
     plus the `gaps` longest idle gaps inside the calls with the kernel before each. The calls are told apart by
     the `calls - 1` longest idle gaps of the trace (each call is synced before the next is dispatched). A span
     longer than the busy time is time the device waited: launch gaps, host work in the call, synchronisations."""
+    if not events:
+        return {}
     intervals = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events)
     merged = []  # [start, end, name of the kernel that ended last] in us, overlaps joined
     for start, end, name in intervals:

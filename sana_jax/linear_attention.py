@@ -49,9 +49,9 @@ def relu_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, eps: float =
 #   query_grad  grid (split of tokens, b*h):  dq; partial dh, dz (fp32)                            (backward)
 #   key_grad    grid (split of tokens, b*h):  dk, dv                                               (backward)
 # Each program walks its split in steps of tokens, loading its head's fp32 state (and splitting it into bf16
-# parts) once. At 1.6B b32 on H200 (RESULTS.md, twenty-second session) that took the output kernel from 142 to
-# 95 us and key_grad from 277 to 183 us against one program per step; query_grad went from 348 to 272 us by
-# reusing its g h^T for d loss / d den instead of a third product with h.
+# parts) once. At 1.6B b32 on H200 (RESULTS.md, twenty-second session) that took the output kernel from 144 to
+# 95 us and key_grad from 277 to 183 us against one program per step; query_grad went from 349 to 272 us by
+# taking d loss / d den from the g h^T it computes for dq instead of recomputing q h.
 # bf16 inputs: relu(q), relu(k), v and the cotangent are exact in bf16, so bf16 x bf16 tensor-core products with
 # fp32 accumulation are the fp32 products, and an fp32 operand (h, dh, relu(q) / den) is split exactly into three
 # bf16 parts (`_dot`). So every product is fp32-exact, as the XLA sibling's HIGHEST-precision fp32 einsums; only
