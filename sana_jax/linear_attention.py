@@ -93,7 +93,7 @@ def _dot(a: jax.Array, b: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
     if a.dtype == bf16 and b.dtype == bf16:
         return jnp.dot(a, b, preferred_element_type=f32)
     if a.dtype == bf16 and b.dtype == f32:
-        return sum(jnp.dot(a, part, preferred_element_type=f32) for part in _split_bf16(b))
+        return _dot(a, _split_bf16(b))
     if a.dtype == f32 and b.dtype == bf16:
         return sum(jnp.dot(part, b, preferred_element_type=f32) for part in _split_bf16(a))
     return jnp.dot(a.astype(f32), b.astype(f32), precision=_HIGHEST, preferred_element_type=f32)
