@@ -84,7 +84,7 @@ def bench_glu(shape, args, interpret):
         sweep_backward_kernels(inputs, cotangent, grads_ref, args, interpret)
 
 
-# (columns, channels, warps) of each backward kernel's sweep; rows: the default chunk.
+# (columns, channels, warps) of each backward kernel's sweep; rows: the default chunk (`--backward-tiles` may give it).
 BACKWARD_TILES = [(8, 128, 4), (4, 128, 4), (2, 128, 4), (8, 64, 2), (4, 64, 2), (2, 64, 1), (4, 128, 2),
                   (2, 128, 2), (4, 256, 4), (4, 256, 8)]
 
@@ -108,15 +108,15 @@ def sweep_backward_kernels(inputs, cotangent, grads_ref, args, interpret):
         part, tile = job
         make, operands, _ = parts[part]
         try:
-            return jax.jit(make((*tile, None))).lower(*operands).compile()
+            return jax.jit(make((*tile, None)[:4])).lower(*operands).compile()
         except Exception as error:  # a tile that does not compile (registers, shared memory) is reported, not fatal
             return error
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         compiled = list(pool.map(compile_one, jobs))
-    for (part, (tile_w, block_c, warps)), fn in zip(jobs, compiled):
-        record = {"op": f"glu_backward_{part}", "shape": shape, "impl": "pallas", "tile_w": tile_w,
-                  "block_c": block_c, "num_warps": warps}
+    for (part, tile), fn in zip(jobs, compiled):
+        record = {"op": f"glu_backward_{part}", "shape": shape, "impl": "pallas",
+                  **dict(zip(("tile_w", "block_c", "num_warps", "rows"), tile))}
         if isinstance(fn, Exception):
             emit({**record, "error": str(fn).splitlines()[0][:200]})
             continue
@@ -163,7 +163,9 @@ def main(argv=None) -> int:
     parser.add_argument("--glu-shape", type=int, nargs=4, action="append", metavar=("B", "H", "W", "F"),
                         help="only the GLU ops, at this shape (repeatable) instead of the default shapes")
     parser.add_argument("--backward-tiles", type=lambda text: tuple(int(v) for v in text.split(",")), nargs="+",
-                        metavar="COLS,CHANNELS,WARPS", help="--sweep backward: these tiles instead of BACKWARD_TILES")
+                        metavar="COLS,CHANNELS,WARPS[,ROWS]",
+                        help="--sweep backward: these tiles (rows per program: default `glu_conv.row_chunk`) instead "
+                             "of BACKWARD_TILES")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 20; tiny 1)")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)

@@ -20,12 +20,11 @@ Two implementations of the same function:
                            (`_sigmoid`, within 1e-5), its taps PTX FMAs (`_multiply_add`), and the bf16 roundings
                            of its SiLUs and gating operands go two per instruction (`_round_pair`); outputs equal
                            the sibling's at SANA's shapes on H100 and H200.
-                           Its backward (rows up to 32 pixels; XLA's vjp beyond) runs two kernels on column tiles
-                           (`_ColumnTile`, each kernel its own size: `backward_tiles`): one recomputes the SiLU'd
-                           input and the convolution and writes the cotangent of the convolution's fp32 output and
-                           per-program sums of the weight gradients; one applies the transposed convolution to that
-                           cotangent and differentiates the SiLU and the bias add. `interpret=True` runs them on any
-                           backend (tests).
+                           Its backward runs two kernels on column tiles (`_ColumnTile`, each kernel its own size:
+                           `backward_tiles`): one recomputes the SiLU'd input and the convolution and writes the
+                           cotangent of the convolution's fp32 output and per-program sums of the weight gradients;
+                           one applies the transposed convolution to that cotangent and differentiates the SiLU and
+                           the bias add. `interpret=True` runs them on any backend (tests).
 """
 
 from __future__ import annotations
@@ -52,7 +51,8 @@ def backward_tiles(width: int) -> tuple[tuple[int, int, int, None], tuple[int, i
     channels x 2 warps, part 2 (`_input_grad_kernel`) 4 x 256 x 4 (two channels per thread: one 32-bit load or store
     per pixel and thread), the default row chunk. Each kernel alone at 1.6B b16 on H100: 0.77 and 0.61 ms, against
     1.13 and 0.90 ms before their own-pixel loads moved a row ahead (RESULTS.md, thirteenth session; `--sweep
-    backward` of benchmarks/pallas_kernels.py reruns it)."""
+    backward` of benchmarks/pallas_kernels.py reruns it). On 4096 px rows (H200) the best of ten tiles and row chunks
+    was 2-23% faster per kernel than these, a different one at each model width (twenty-third session)."""
     return (min(4, width), 64, 2, None), (min(4, width), 256, 4, None)
 
 
@@ -491,18 +491,9 @@ def _fused_fwd(pre, pre_bias, kernel, bias, interpret):
     return _fused_forward(pre, pre_bias, kernel, bias, interpret), (pre, pre_bias, kernel, bias)
 
 
-# The backward kernels beat XLA's vjp on 32-pixel rows (H100: 3.73 vs 5.06 ms at 0.6B b32, 2.08 vs 2.93 ms at 1.6B
-# b8) but not on the 128-pixel rows of 4096 px (3.14 vs 2.79 ms): wider rows take XLA's.
-PALLAS_BACKWARD_MAX_WIDTH = 32
-
-
 def _fused_bwd(interpret, residuals, cotangent):
-    """The kernels recompute the SiLU'd input, the convolution and the gating, and differentiate all of it. Rows
-    wider than PALLAS_BACKWARD_MAX_WIDTH: XLA's vjp of the sibling."""
-    pre, pre_bias, kernel, bias = residuals
-    if pre.shape[2] > PALLAS_BACKWARD_MAX_WIDTH:
-        return jax.vjp(silu_glu_dwconv_xla, pre, pre_bias, kernel, bias)[1](cotangent)
-    return _pallas_backward(pre, pre_bias, kernel, bias, cotangent, interpret)
+    """The kernels recompute the SiLU'd input, the convolution and the gating, and differentiate all of it."""
+    return _pallas_backward(*residuals, cotangent, interpret)
 
 
 silu_glu_dwconv_pallas.defvjp(_fused_fwd, _fused_bwd)

@@ -79,9 +79,8 @@ def test_cudnn_cross_attention_matches_xla_sibling():
 def test_pallas_glu_kernel_compiled_matches_xla_sibling():
     from sana_jax import glu_conv
 
-    # 1024 px latents of 0.6B at b2 and b1 (row chunks, four column tiles of 8), awkward sizes, fp32, 4096 px (rows
-    # wider than PALLAS_BACKWARD_MAX_WIDTH: XLA's backward). Whole-image programs (b32) run in
-    # benchmarks/pallas_kernels.py.
+    # 1024 px latents of 0.6B at b2 and b1 (row chunks, four column tiles of 8), awkward sizes, fp32, 4096 px (32
+    # column tiles of the backward kernels). Whole-image programs (b32) run in benchmarks/pallas_kernels.py.
     for shape, dtype in (((2, 32, 32, 2880), jnp.bfloat16), ((1, 32, 32, 2880), jnp.bfloat16),
                          ((3, 5, 7, 136), jnp.bfloat16), ((2, 6, 10, 40), jnp.float32),
                          ((1, 128, 128, 2880), jnp.bfloat16)):
