@@ -62,12 +62,13 @@ def test_pallas_kernels_benchmark():
 
 
 def test_pallas_kernels_backward_sweep():
-    """--sweep backward times each GLU backward kernel at every tile given; --glu-shape runs the GLU ops only."""
+    """--sweep backward times each GLU backward kernel at every tile given, with its row chunk when given; --glu-shape
+    runs the GLU ops only."""
     records = bench("pallas_kernels", "--tiny", "--sweep", "backward", "--glu-shape", "1", "3", "5", "24",
-                    "--backward-tiles", "2,16,1", "3,32,1")
+                    "--backward-tiles", "2,16,1", "3,32,1,2")
     swept = [r for r in records if r["op"].startswith("glu_backward_")]
-    assert {(r["op"], r["tile_w"], r["block_c"], r["num_warps"]) for r in swept} == {
-        (f"glu_backward_{part}", *tile) for part in ("total", "input") for tile in ((2, 16, 1), (3, 32, 1))}
+    assert {(r["op"], r["tile_w"], r["block_c"], r["num_warps"], r.get("rows")) for r in swept} == {
+        (f"glu_backward_{part}", *tile) for part in ("total", "input") for tile in ((2, 16, 1, None), (3, 32, 1, 2))}
     assert all(r["ms"] > 0 and r["rel_diff"] < 1e-2 for r in swept)
     assert not any(r["op"].startswith("litela") for r in records)
 
