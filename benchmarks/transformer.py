@@ -15,11 +15,16 @@ FLOPs of sana_jax.flops, x3 for a training step, / 989 TFLOP/s), peak memory (to
 forward: XLA's memory analysis of the compiled program, arguments + outputs + temporaries; JAX train: the device's
 peak_bytes_in_use, each case in a process of its own); for a training step also `optimizer_ms`, its clipping and
 optimizer update timed alone (the part that does not grow with the batch); then one summary line per case with
-the ratios to the anchors.
+the ratios to the anchors. With `--rounds N` the children run N times in turn (JAX, torch, JAX, torch, ...); each
+record names its round, each summary compares the sides of one round, and a last line per case gives the median
+and range over the rounds: a machine's drift during a call moves both sides of a round alike.
 
 GPU:  source benchmarks/gpu-env.sh && python3 benchmarks/transformer.py forward
       python3 benchmarks/transformer.py train --models sana_1600m --batches 8 16 --remat none dots_saveable
-      (the fastest 1.6B step measured: --batches 24 --torch-batches 8 --remat none --set unroll_blocks=true)
+      (the fastest 1.6B step measured: --batches 48 on an H200, 24 on an H100 80GB, --torch-batches 8
+      --remat none --set unroll_blocks=true)
+      python3 benchmarks/transformer.py forward --models sana_1600m --shapes 1024x32 --impls jax diffusers_compile
+      --rounds 2   (the 1.25x target, each side twice, alternating)
 CPU smoke test (tiny config, no torch.compile):  python benchmarks/transformer.py forward --tiny
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -349,15 +355,15 @@ def summaries(records: list[dict]) -> list[dict]:
     for rec in records:
         if rec.get("impl") != "jax" or not rec.get("ms"):
             continue
-        case = (rec["model"], rec["mode"], rec["size"], rec["batch"])
+        case = (rec["model"], rec["mode"], rec["size"], rec.get("round"))
         summary = {"summary": True, "model": rec["model"], "mode": rec["mode"], "size": rec["size"],
                    "batch": rec["batch"], "jax_ms": rec["ms"], "jax_mfu": rec["mfu"]}
-        summary.update({field: rec[field] for field in ("remat", "layer_group") if field in rec})
+        summary.update({field: rec[field] for field in ("remat", "layer_group", "round") if field in rec})
         if "optimizer_ms" in rec:
             summary["jax_optimizer_ms"] = rec["optimizer_ms"]
         for ref in records:
             if ref.get("impl", "jax") == "jax" or not ref.get("ms") or \
-                    (ref["model"], ref["mode"], ref["size"]) != case[:3]:
+                    (ref["model"], ref["mode"], ref["size"], ref.get("round")) != case:
                 continue
             if ref["batch"] == rec["batch"]:
                 summary[f"{ref['impl']}_ms"] = ref["ms"]
@@ -368,6 +374,30 @@ def summaries(records: list[dict]) -> list[dict]:
                 summary[f"throughput_vs_{ref['impl']}_b{ref['batch']}"] = \
                     round(rec["images_per_s"] / ref["images_per_s"], 3)
         out.append(summary)
+    return out
+
+
+CASE_FIELDS = ("model", "mode", "size", "batch", "remat", "layer_group")
+
+
+def across_rounds(per_round: list[dict]) -> list[dict]:
+    """Per case measured in several rounds: the median and [min, max] over the rounds of the JAX time and of each
+    ratio to an anchor (each ratio taken within its round)."""
+    cases: dict[tuple, list[dict]] = {}
+    for summary in per_round:
+        cases.setdefault(tuple(summary.get(field) for field in CASE_FIELDS), []).append(summary)
+    out = []
+    for rounds in cases.values():
+        if len(rounds) < 2:
+            continue
+        merged = {"summary": True, "rounds": len(rounds),
+                  **{field: rounds[0][field] for field in CASE_FIELDS if field in rounds[0]}}
+        for key in rounds[0]:
+            if key == "jax_ms" or key.startswith(("speedup_vs_", "throughput_vs_")):
+                values = [r[key] for r in rounds if key in r]
+                merged[key] = round(statistics.median(values), 3)
+                merged[f"{key}_range"] = [min(values), max(values)]
+        out.append(merged)
     return out
 
 
@@ -398,6 +428,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3; tiny 1)")
     parser.add_argument("--impls", nargs="+", default=None, choices=["jax", "diffusers_eager", "diffusers_compile"],
                         help="default all three (tiny: no torch.compile)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the JAX and torch children this many times in turn; ratios within each round, "
+                             "then their median (default 1)")
     parser.add_argument("--child", choices=["jax", "torch"], help=argparse.SUPPRESS)  # internal
     parser.add_argument("--cases", help=argparse.SUPPRESS)  # internal: JSON list for --child
     args = parser.parse_args(argv)
@@ -428,15 +461,20 @@ def main(argv=None) -> int:
     # cases in one JAX process a case can run out of memory where it fits alone (1.6B b16 unrolled after two b8
     # cases; alone it peaks at 50.6 GiB). The torch child empties its cache between cases.
     jax_groups = [[case] for case in jax_cases] if args.mode == "train" else [jax_cases]
-    for child, cases in [("jax", group) for group in jax_groups] + [("torch", torch_cases)]:
-        if not cases:
-            continue
-        for record in run_child(script, [args.mode, *flags, "--child", child, "--cases", json.dumps(cases)]):
-            if "bench" in record:
-                record = finish({k: v for k, v in record.items() if k != "bench"})
-            emit(record)
-            records.append(record)
-    for summary in summaries(records):
+    children = [("jax", group) for group in jax_groups] + [("torch", torch_cases)]
+    for round_number in range(1, args.rounds + 1):
+        for child, cases in children:
+            if not cases:
+                continue
+            for record in run_child(script, [args.mode, *flags, "--child", child, "--cases", json.dumps(cases)]):
+                if "bench" in record:
+                    record = finish({k: v for k, v in record.items() if k != "bench"})
+                if args.rounds > 1:
+                    record["round"] = round_number
+                emit(record)
+                records.append(record)
+    per_round = summaries(records)
+    for summary in per_round + across_rounds(per_round):
         emit(summary)
     return 1 if any("error" in r for r in records) and not any(r.get("ms") for r in records) else 0
 

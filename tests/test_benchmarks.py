@@ -34,6 +34,23 @@ def test_transformer_benchmark(mode):
         assert summaries[0]["jax_optimizer_ms"] > 0 and summaries[0]["diffusers_eager_optimizer_ms"] > 0
 
 
+def test_transformer_rounds_compare_each_round_within_itself():
+    """--rounds: a JAX run is compared with the anchor of its own round, then the median over the rounds."""
+    from benchmarks.transformer import across_rounds, summaries
+
+    case = {"model": "sana_1600m", "mode": "forward", "size": 1024, "batch": 32}
+    records = [{**case, "impl": impl, "round": n, "ms": ms, "mfu": 0.5, "images_per_s": 32e3 / ms}
+               for n, jax_ms, anchor_ms in ((1, 160.0, 200.0), (2, 170.0, 204.0), (3, 165.0, 210.0))
+               for impl, ms in (("jax", jax_ms), ("diffusers_compile", anchor_ms))]
+    per_round = summaries(records)
+    assert [(s["round"], s["speedup_vs_diffusers_compile"]) for s in per_round] == [(1, 1.25), (2, 1.2), (3, 1.273)]
+    [merged] = across_rounds(per_round)
+    assert merged["rounds"] == 3 and merged["jax_ms"] == 165.0
+    assert merged["speedup_vs_diffusers_compile"] == 1.25
+    assert merged["speedup_vs_diffusers_compile_range"] == [1.2, 1.273]
+    assert across_rounds(per_round[:1]) == []  # one round: its summary says it all
+
+
 def test_jax_records_name_the_xla_flags_they_ran_under(monkeypatch):
     """An A/B through XLA_FLAGS (a flag can change the compiled program) is told apart in the JSON lines."""
     import jax
