@@ -108,7 +108,7 @@ def sweep_backward_kernels(inputs, cotangent, grads_ref, args, interpret):
         part, tile = job
         make, operands, _ = parts[part]
         try:
-            return jax.jit(make((*tile, None)[:4])).lower(*operands).compile()
+            return jax.jit(make((*tile, None)[:4])).lower(*operands).compile()  # rows None: `row_chunk`
         except Exception as error:  # a tile that does not compile (registers, shared memory) is reported, not fatal
             return error
 

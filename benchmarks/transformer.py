@@ -392,7 +392,7 @@ def across_rounds(per_round: list[dict]) -> list[dict]:
             continue
         merged = {"summary": True, "rounds": len(rounds),
                   **{field: rounds[0][field] for field in CASE_FIELDS if field in rounds[0]}}
-        for key in rounds[0]:
+        for key in dict.fromkeys(key for summary in rounds for key in summary):  # an anchor may fail in one round
             if key == "jax_ms" or key.startswith(("speedup_vs_", "throughput_vs_")):
                 values = [r[key] for r in rounds if key in r]
                 merged[key] = round(statistics.median(values), 3)

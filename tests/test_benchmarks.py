@@ -49,6 +49,8 @@ def test_transformer_rounds_compare_each_round_within_itself():
     assert merged["speedup_vs_diffusers_compile"] == 1.25
     assert merged["speedup_vs_diffusers_compile_range"] == [1.2, 1.273]
     assert across_rounds(per_round[:1]) == []  # one round: its summary says it all
+    [merged] = across_rounds(summaries(records[:1] + records[2:]))  # the anchor failed in round 1
+    assert merged["rounds"] == 3 and merged["speedup_vs_diffusers_compile_range"] == [1.2, 1.273]
 
 
 def test_jax_records_name_the_xla_flags_they_ran_under(monkeypatch):
